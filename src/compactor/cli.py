@@ -1,0 +1,114 @@
+"""The ``compactor`` command line: parse, call the library, print. No logic of its own.
+
+Bad input prints one line ``error: ...`` and exits with code 2 (``--debug`` for a traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_data_args(p: argparse.ArgumentParser, default: str = "austen:eval") -> None:
+    p.add_argument("--data", "--text", dest="data", default=default,
+                   help=f"corpus split (austen:eval, austen:calib, austen:train, austen:<novel>) "
+                        f"or a .txt/.jsonl/.parquet file or directory (default {default})")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens to evaluate (default 32768)")
+    p.add_argument("--window", type=int, default=512, help="window length in tokens (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="window stride (default: window, no overlap)")
+    p.add_argument("--bos", choices=["none", "prepend"], default="none",
+                   help="BOS policy: none = plain slices; prepend = BOS + window-1 tokens")
+
+
+def cmd_fetch(args) -> int:
+    from compactor.data.austen import austen_dir
+    from compactor.models.load import resolve_source
+
+    directory, gguf, _ = resolve_source(args.model)
+    print(f"{args.model}: GGUF {gguf}\n  float checkpoint {directory}")
+    if not args.no_data:
+        print(f"austen: {austen_dir()}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from compactor.data.windows import windows_for
+    from compactor.evaluate import evaluate, table, to_json
+    from compactor.models.load import load_model
+
+    is_gguf = str(args.model).endswith(".gguf")
+    # A GGUF runs in llama.cpp; its tokenizer comes from its transformers conversion.
+    loaded = load_model(args.model) if not is_gguf or args.reference is None else None
+    ref = load_model(args.reference) if args.reference else None
+    tokenizer = (loaded or ref).tokenizer
+    win = windows_for(tokenizer, args.data, args.window, args.stride, args.bos, args.tokens)
+    target = args.model if is_gguf else loaded
+    result = evaluate(target, win, reference=ref, speed=not args.no_speed,
+                      name=Path(args.model).name)
+    print(table([result]))
+    if args.json:
+        Path(args.json).write_text(to_json([result]))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from compactor.evaluate import table
+    from compactor.recipe import load_recipe, run_recipe
+
+    recipe = load_recipe(args.recipe)
+    out = args.out or f"runs/{Path(args.recipe).stem}"
+    ctx = run_recipe(recipe, out=out, overwrite=args.force)
+    print(table(ctx.results))
+    print(f"\nwrote {ctx.out_dir} (model, recipe.yaml, metrics.json, provenance.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="compactor", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    f = sub.add_parser("fetch", help="download, verify and convert a bundled model (+ the Austen text)")
+    f.add_argument("model", nargs="?", default="smollm2-135m")
+    f.add_argument("--no-data", action="store_true", help="skip fetching the Austen corpus")
+    f.set_defaults(fn=cmd_fetch)
+
+    e = sub.add_parser("eval", help="perplexity, KLD/top-1 vs a reference, size and speed")
+    e.add_argument("model", help="alias, transformers directory, or .gguf file (run in llama.cpp)")
+    e.add_argument("--reference", help="reference model for KL divergence and top-1 agreement")
+    _add_data_args(e)
+    e.add_argument("--json", metavar="OUT.json", help="also write the metrics as JSON")
+    e.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed test")
+    e.set_defaults(fn=cmd_eval)
+
+    r = sub.add_parser("run", help="run a recipe (YAML) and write its output directory")
+    r.add_argument("recipe")
+    r.add_argument("--out", help="output directory (default runs/<recipe name>)")
+    r.add_argument("--force", action="store_true", help="replace an existing output directory")
+    r.set_defaults(fn=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    from compactor.errors import CompactorError
+
+    try:
+        return args.fn(args)
+    except CompactorError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

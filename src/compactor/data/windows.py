@@ -1,0 +1,122 @@
+"""Cut text into fixed-length token windows.
+
+Protocol (stated in every provenance record):
+
+* The text is tokenized once as a single stream, without special tokens.
+* ``bos="none"`` (default): a window is a plain slice of ``length`` tokens; ``bos="prepend"``:
+  the tokenizer's BOS followed by ``length - 1`` text tokens.
+* Windows start every ``stride`` tokens (default: ``length``, non-overlapping). With overlap,
+  only tokens not scored by an earlier window are scored.
+* Position 0 of a window is context only: the scored tokens are positions 1..length-1,
+  each predicted from everything before it in the window.
+* A trailing partial window is dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from compactor.errors import CompactorError
+
+
+@dataclass
+class TokenWindows:
+    """``input_ids [N, L]`` and ``score_mask [N, L]`` (True where the token at that position
+    is predicted and counted), plus provenance."""
+
+    input_ids: torch.Tensor
+    score_mask: torch.Tensor
+    provenance: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def length(self) -> int:
+        return self.input_ids.shape[1]
+
+    @property
+    def n_scored(self) -> int:
+        return int(self.score_mask.sum())
+
+    def head(self, n: int) -> "TokenWindows":
+        """The first ``n`` windows."""
+        prov = dict(self.provenance, n_windows=min(n, len(self)))
+        out = TokenWindows(self.input_ids[:n], self.score_mask[:n], prov)
+        out.provenance["tokens_scored"] = out.n_scored
+        return out
+
+
+def make_windows(
+    token_ids: list[int] | torch.Tensor,
+    length: int = 512,
+    stride: int | None = None,
+    bos: Literal["none", "prepend"] = "none",
+    bos_id: int | None = None,
+    max_tokens: int | None = None,
+) -> TokenWindows:
+    """Windows of ``length`` tokens over a token stream (see the module docstring)."""
+    stride = stride or length
+    if length < 2:
+        raise CompactorError(f"window length must be at least 2, got {length}")
+    if not 0 < stride <= length:
+        raise CompactorError(f"stride must be in 1..{length}, got {stride}")
+    if bos not in ("none", "prepend"):
+        raise CompactorError(f"bos policy must be 'none' or 'prepend', got {bos!r}")
+    if bos == "prepend" and bos_id is None:
+        raise CompactorError("bos='prepend' needs a tokenizer with a BOS token")
+    ids = torch.as_tensor(token_ids, dtype=torch.long)
+    body = length - (1 if bos == "prepend" else 0)
+    starts = list(range(0, max(len(ids) - body + 1, 0), stride))
+    if max_tokens is not None:
+        starts = starts[: max(1, max_tokens // length)]
+    if not starts:
+        raise CompactorError(f"text has {len(ids)} tokens, fewer than one window of {length}")
+    rows, masks = [], []
+    scored_until = 0  # first stream index not yet scored
+    for s in starts:
+        chunk = ids[s : s + body]
+        mask = torch.zeros(length, dtype=torch.bool)
+        off = length - body
+        # Stream index of window position p (p >= off) is s + p - off; score p >= 1 only if
+        # that index was not scored by an earlier window.
+        first = max(1, scored_until - s + off)
+        mask[first:] = True
+        scored_until = s + body
+        if off:
+            chunk = torch.cat([torch.tensor([bos_id]), chunk])
+        rows.append(chunk)
+        masks.append(mask)
+    prov = {
+        "window": length,
+        "stride": stride,
+        "bos": bos,
+        "n_windows": len(rows),
+        "token_range": [starts[0], starts[-1] + body],
+        "stream_tokens": len(ids),
+    }
+    out = TokenWindows(torch.stack(rows), torch.stack(masks), prov)
+    out.provenance["tokens_scored"] = out.n_scored
+    return out
+
+
+def windows_for(
+    tokenizer,
+    spec: str,
+    length: int = 512,
+    stride: int | None = None,
+    bos: Literal["none", "prepend"] = "none",
+    max_tokens: int | None = None,
+) -> TokenWindows:
+    """Load text by ``spec`` (corpus split or path), tokenize, and cut windows."""
+    from compactor.data.sources import load_text
+
+    text = load_text(spec)
+    ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
+    win = make_windows(ids, length, stride, bos, tokenizer.bos_token_id, max_tokens)
+    win.provenance = {**text.provenance, "spec": str(spec),
+                      "tokenizer": type(tokenizer).__name__, **win.provenance}
+    return win

@@ -1,0 +1,129 @@
+"""The measuring stick: ``evaluate(model, windows, reference=None)``.
+
+Scores a candidate (in-memory model or GGUF file) on token windows, streaming window by
+window: perplexity; against a reference, mean and 99th-percentile KL(reference || candidate)
+per token and top-1 agreement; plus size, bits per weight, load time, prefill/decode speed
+and peak RSS.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from compactor.data.windows import TokenWindows
+from compactor.errors import CompactorError
+from compactor.evaluate.backends import Backend, LlamaCppBackend, TorchBackend
+from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
+from compactor.evaluate.metrics import StreamingStats
+
+
+@dataclass
+class EvalResult:
+    """Everything the harness measures for one candidate."""
+
+    name: str
+    runtime: str
+    ppl: float
+    tokens: int
+    size_bytes: int
+    params: int
+    bpw: float
+    load_seconds: float
+    eval_seconds: float
+    eval_tok_s: float
+    peak_rss_bytes: int
+    prefill_tok_s: float | None = None
+    decode_tok_s: float | None = None
+    reference: str | None = None
+    ref_ppl: float | None = None
+    kld_mean: float | None = None
+    kld_p99: float | None = None
+    top1: float | None = None
+    windows: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def as_backend(obj, name: str | None = None, n_ctx: int = 1024) -> Backend:
+    """Wrap a model, a LoadedModel, a GGUF path or an existing backend as a Backend."""
+    from compactor.models.load import LoadedModel
+
+    if hasattr(obj, "window_logits"):
+        return obj
+    if isinstance(obj, LoadedModel):
+        return TorchBackend(obj.model, name or obj.source, obj.load_seconds)
+    if isinstance(obj, (str, Path)) and str(obj).endswith(".gguf"):
+        return LlamaCppBackend(obj, n_ctx=n_ctx, name=name)
+    if hasattr(obj, "config") and hasattr(obj, "forward"):
+        return TorchBackend(obj, name or type(obj).__name__)
+    raise CompactorError(
+        f"cannot evaluate {obj!r}: give a transformers model, a LoadedModel or a .gguf path"
+    )
+
+
+def evaluate(
+    model,
+    windows: TokenWindows,
+    reference=None,
+    speed: bool = True,
+    name: str | None = None,
+    progress: bool = True,
+) -> EvalResult:
+    """Score ``model`` on ``windows``; compare with ``reference`` when given.
+
+    ``model`` / ``reference``: transformers model, :class:`LoadedModel`, ``.gguf`` path or a
+    backend. Peak RSS is the process's peak during this call (the reference included).
+    """
+    n_ctx = max(1024, windows.length + 160)
+    cand = as_backend(model, name, n_ctx)
+    ref = as_backend(reference, None, n_ctx) if reference is not None else None
+    if ref is not None and ref.vocab_size != cand.vocab_size:
+        raise CompactorError(
+            f"vocabulary mismatch: {cand.name} has {cand.vocab_size} tokens, reference "
+            f"{ref.name} has {ref.vocab_size}; KL divergence needs the same tokenizer"
+        )
+    if int(windows.input_ids.max()) >= cand.vocab_size:
+        raise CompactorError(
+            f"token id {int(windows.input_ids.max())} is outside {cand.name}'s vocabulary of "
+            f"{cand.vocab_size}: the windows were made with another tokenizer"
+        )
+    reset_peak_rss()
+    stats = StreamingStats()
+    t0 = time.perf_counter()
+    for i in tqdm(range(len(windows)), desc=f"eval {cand.name}", disable=not progress,
+                  unit="win", leave=False):
+        ids, mask = windows.input_ids[i], windows.score_mask[i]
+        # Row t of the logits predicts token t+1: align logits[:-1] with ids[1:].
+        logits = cand.window_logits(ids)[:-1]
+        ref_logits = ref.window_logits(ids)[:-1] if ref is not None else None
+        stats.update(logits, ids[1:], mask[1:], ref_logits)
+    eval_seconds = time.perf_counter() - t0
+    summary = stats.summary()
+    speeds = cand.speed() if speed else {}
+    return EvalResult(
+        name=cand.name,
+        runtime=cand.kind,
+        ppl=summary["ppl"],
+        tokens=summary["tokens"],
+        size_bytes=cand.size_bytes,
+        params=cand.params,
+        bpw=cand.size_bytes * 8 / cand.params,
+        load_seconds=cand.load_seconds,
+        eval_seconds=eval_seconds,
+        eval_tok_s=windows.input_ids.numel() / eval_seconds,
+        peak_rss_bytes=peak_rss_bytes(),
+        prefill_tok_s=speeds.get("prefill_tok_s"),
+        decode_tok_s=speeds.get("decode_tok_s"),
+        reference=ref.name if ref is not None else None,
+        ref_ppl=summary.get("ref_ppl"),
+        kld_mean=summary.get("kld_mean"),
+        kld_p99=summary.get("kld_p99"),
+        top1=summary.get("top1"),
+        windows=windows.provenance,
+    )

@@ -1,0 +1,143 @@
+"""Architecture knowledge as data: one small record per model family.
+
+Everything that walks a model (the data-free walker, the sequential calibration runner,
+structured pruning, exporters) asks an :class:`Adapter` where things are instead of
+hard-coding names. A new family is one entry in :data:`ADAPTERS`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compactor.errors import CompactorError
+
+_ATTN = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """Where a decoder-only family keeps its parts (names relative to the model or a layer).
+
+    Attributes:
+        family: short family name ("llama").
+        model_types: values of ``config.model_type`` this entry serves.
+        gguf_arch: ``general.architecture`` in GGUF files of this family (None: no GGUF).
+        layers: dotted path of the ``nn.ModuleList`` of decoder layers.
+        embed / final_norm / lm_head: dotted paths from the model root.
+        attn: (q, k, v, o) projection names inside a layer.
+        mlp: (gate, up, down) projection names inside a layer.
+        input_norm / post_attn_norm: norm names inside a layer.
+        sequential_groups: the true-sequential order in which a layer's linears are
+            calibrated; a group's members share one input.
+        smooth_pairs: (producer, consumers) pairs that an activation scale can be folded
+            through (AWQ / SmoothQuant): producer is a norm or linear whose output feeds the
+            consumers' input.
+        norm_offset: RMSNorm multiplies by ``offset + weight`` (Gemma: 1.0).
+        heads_key / kv_heads_key: config keys for the number of attention / key-value heads.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    gguf_arch: str | None
+    layers: str = "model.layers"
+    embed: str = "model.embed_tokens"
+    final_norm: str = "model.norm"
+    lm_head: str = "lm_head"
+    attn: tuple[str, str, str, str] = _ATTN
+    mlp: tuple[str, str, str] = _MLP
+    input_norm: str = "input_layernorm"
+    post_attn_norm: str = "post_attention_layernorm"
+    norm_offset: float = 0.0
+    heads_key: str = "num_attention_heads"
+    kv_heads_key: str = "num_key_value_heads"
+    sequential_groups: tuple[tuple[str, ...], ...] = field(default=())
+    smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        q, k, v, o = self.attn
+        gate, up, down = self.mlp
+        if not self.sequential_groups:
+            object.__setattr__(self, "sequential_groups", ((q, k, v), (o,), (gate, up), (down,)))
+        if not self.smooth_pairs:
+            object.__setattr__(
+                self,
+                "smooth_pairs",
+                (
+                    (self.input_norm, (q, k, v)),
+                    (v, (o,)),  # exact only when n_heads == n_kv_heads or per-group scales
+                    (self.post_attn_norm, (gate, up)),
+                    (up, (down,)),
+                ),
+            )
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """All linear layers inside one decoder layer, in sequential order."""
+        return tuple(name for group in self.sequential_groups for name in group)
+
+
+ADAPTERS: tuple[Adapter, ...] = (
+    Adapter("llama", ("llama",), "llama"),
+    Adapter("mistral", ("mistral",), "llama"),
+    Adapter("qwen2", ("qwen2",), "qwen2"),
+    Adapter("gemma", ("gemma",), "gemma", norm_offset=1.0),
+)
+
+#: What a new family's entry must provide, quoted in the error for an unknown family.
+_NEEDS = (
+    "the path of the decoder layer list, the q/k/v/o attention and gate/up/down MLP "
+    "projection names, the norm names, and the head-count config keys"
+)
+
+
+def known_families() -> list[str]:
+    return [a.family for a in ADAPTERS]
+
+
+def adapter_for_model_type(model_type: str, where: str = "") -> Adapter:
+    """The adapter serving ``config.model_type``, or a CompactorError naming what is missing."""
+    for a in ADAPTERS:
+        if model_type in a.model_types:
+            return a
+    src = f" ({where})" if where else ""
+    raise CompactorError(
+        f"model family {model_type!r}{src} is not in compactor's adapter table "
+        f"(models/adapters.py; known: {', '.join(known_families())}); an entry needs {_NEEDS}"
+    )
+
+
+def adapter_for_gguf_arch(arch: str, where: str = "") -> Adapter:
+    """The adapter for a GGUF ``general.architecture`` value."""
+    for a in ADAPTERS:
+        if a.gguf_arch == arch:
+            return a
+    src = f" ({where})" if where else ""
+    raise CompactorError(
+        f"GGUF architecture {arch!r}{src} is not in compactor's adapter table "
+        f"(models/adapters.py; known: "
+        f"{', '.join(sorted({a.gguf_arch for a in ADAPTERS if a.gguf_arch}))}); "
+        f"an entry needs {_NEEDS}"
+    )
+
+
+def adapter_for(model) -> Adapter:
+    """The adapter for a transformers model instance."""
+    return adapter_for_model_type(model.config.model_type, type(model).__name__)
+
+
+def get_submodule(root, dotted: str):
+    """``root.get_submodule`` with an error that names the missing path."""
+    try:
+        return root.get_submodule(dotted)
+    except AttributeError:
+        raise CompactorError(
+            f"{type(root).__name__} has no submodule {dotted!r}; the adapter entry for this "
+            "family does not match the model"
+        ) from None
+
+
+def decoder_layers(model, adapter: Adapter | None = None):
+    """The ``nn.ModuleList`` of decoder layers."""
+    adapter = adapter or adapter_for(model)
+    return get_submodule(model, adapter.layers)

@@ -1,0 +1,145 @@
+"""Load a model from a built-in alias, a transformers directory or a GGUF file.
+
+GGUF files are dequantized by transformers (through ``gguf``) once and cached as a float
+safetensors checkpoint keyed by the file's sha256, so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from compactor.errors import CompactorError
+from compactor.io import atomic_dir, home, sha256_file
+from compactor.models.adapters import Adapter, adapter_for_gguf_arch, adapter_for_model_type
+from compactor.models.bundled import BUNDLED, bundled_gguf
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer, family adapter and where it came from."""
+
+    model: Any
+    tokenizer: Any
+    adapter: Adapter
+    source: str
+    path: Path | None = None  # the transformers directory actually read
+    gguf: Path | None = None  # the GGUF file it came from, if any
+    load_seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+def read_gguf_header(path: Path) -> dict[str, Any]:
+    """Validate a GGUF file and return a few header facts; specific errors for bad files."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the reader raises assorted errors on damaged files
+        raise CompactorError(
+            f"{path} is not a readable GGUF file (truncated or corrupt: "
+            f"{type(exc).__name__}: {exc})"
+        ) from None
+    field_ = reader.fields.get("general.architecture")
+    if field_ is None:
+        raise CompactorError(f"{path}: GGUF metadata has no general.architecture key")
+    end = max((t.data_offset + t.n_bytes for t in reader.tensors), default=0)
+    if end > path.stat().st_size:
+        raise CompactorError(f"{path} is truncated: tensor data ends at {end} bytes, file has "
+                             f"{path.stat().st_size}")
+    return {
+        "architecture": str(field_.contents()),
+        "tensors": len(reader.tensors),
+        "types": sorted({t.tensor_type.name for t in reader.tensors}),
+    }
+
+
+def _gguf_to_checkpoint(path: Path) -> Path:
+    """Convert a GGUF file to a cached float transformers directory (once per sha256)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = sha256_file(path)
+    dest = home() / "converted" / digest[:20]
+    if (dest / "config.json").exists():
+        return dest
+    logging.getLogger(__name__).info("converting %s to a float checkpoint (once)", path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch.float32
+        )
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CompactorError(f"transformers could not load GGUF {path}: {exc}") from None
+    # transformers refuses save_pretrained on a GGUF-loaded model while its quantizer marker
+    # is set; the weights are already dequantized floats, so clear it.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(dest, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        (tmp / "SOURCE").write_text(f"{path.resolve()}\nsha256 {digest}\n")
+    return dest
+
+
+def resolve_source(source: str | os.PathLike) -> tuple[Path, Path | None, Adapter | None]:
+    """Map a model source to (transformers directory, GGUF file or None, adapter or None)."""
+    src = str(source)
+    if src in BUNDLED:
+        gguf_path = bundled_gguf(src)
+        return _gguf_to_checkpoint(gguf_path), gguf_path, None
+    path = Path(src).expanduser()
+    if not path.exists():
+        raise CompactorError(
+            f"model not found: {src} (give a built-in alias: {', '.join(BUNDLED)}; "
+            "a transformers directory; or a .gguf file)"
+        )
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            ggufs = sorted(path.glob("*.gguf"))
+            hint = f"; it holds {ggufs[0].name}: pass that file" if ggufs else ""
+            raise CompactorError(f"directory {path} holds no transformers model (no config.json){hint}")
+        return path, None, None
+    header = read_gguf_header(path)
+    adapter = adapter_for_gguf_arch(header["architecture"], str(path))
+    return _gguf_to_checkpoint(path), path, adapter
+
+
+def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load ``source`` (alias, transformers directory or GGUF file) as (model, tokenizer).
+
+    The model is in eval mode. Its family must be in the adapter table.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf_path, adapter = resolve_source(source)
+    t0 = time.perf_counter()
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (ValueError, OSError) as exc:
+        raise CompactorError(f"{directory}/config.json is not a usable model config: {exc}") from None
+    adapter = adapter or adapter_for_model_type(config.model_type, str(directory))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    except OSError as exc:
+        raise CompactorError(f"could not load the model in {directory}: {exc}") from None
+    model.eval()
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter,
+        source=str(source),
+        path=directory,
+        gguf=gguf_path,
+        load_seconds=time.perf_counter() - t0,
+    )

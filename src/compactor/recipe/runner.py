@@ -1,0 +1,137 @@
+"""Apply a recipe: load the model, run each stage's steps through the registry, evaluate
+after each stage against the original, and write a self-describing output directory
+(model, recipe, metrics, provenance) atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compactor.data.windows import TokenWindows, windows_for
+from compactor.evaluate.harness import EvalResult, evaluate
+from compactor.io import atomic_dir
+from compactor.models.load import LoadedModel, load_model
+from compactor.recipe.schema import Recipe
+from compactor.registry import lookup_config
+
+
+@dataclass
+class RunContext:
+    """What steps see: the current model, the recipe, lazily built data and the results."""
+
+    recipe: Recipe
+    loaded: LoadedModel
+    out_dir: Path | None = None
+    results: list[EvalResult] = field(default_factory=list)
+    stage: str = ""
+    modified: bool = False  # has any step changed the model yet?
+    _reference: LoadedModel | None = None
+    _eval_windows: TokenWindows | None = None
+    _calib_windows: TokenWindows | None = None
+    log: list[dict] = field(default_factory=list)
+
+    @property
+    def model(self):
+        return self.loaded.model
+
+    def reference(self) -> LoadedModel | None:
+        """The reference model (the recipe's input, reloaded untouched), loaded once."""
+        ref = self.recipe.reference
+        if ref is None:
+            return None
+        if self._reference is None:
+            self._reference = load_model(self.recipe.model if ref == "original" else ref)
+        return self._reference
+
+    def eval_windows(self) -> TokenWindows:
+        if self._eval_windows is None:
+            e = self.recipe.eval
+            self._eval_windows = windows_for(self.loaded.tokenizer, e.data, e.window, e.stride,
+                                             e.bos, e.tokens)
+        return self._eval_windows
+
+    def calib_windows(self) -> TokenWindows:
+        if self._calib_windows is None:
+            c = self.recipe.calibration
+            self._calib_windows = windows_for(self.loaded.tokenizer, c.data, c.window,
+                                              max_tokens=c.samples * c.window)
+        return self._calib_windows
+
+
+def _environment() -> dict[str, Any]:
+    import torch
+    import transformers
+
+    from compactor import __version__
+
+    return {
+        "compactor": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
+               progress: bool = True) -> RunContext:
+    """Run ``recipe``; if ``out`` is given, write the output directory there (atomically)."""
+    loaded = load_model(recipe.model)
+    ctx = RunContext(recipe=recipe, loaded=loaded)
+    started = time.time()
+    if out is None:
+        _run_stages(ctx, progress)
+        return ctx
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        ctx.out_dir = tmp
+        _run_stages(ctx, progress)
+        _write_outputs(ctx, tmp, started)
+    ctx.out_dir = Path(out)
+    return ctx
+
+
+def _run_stages(ctx: RunContext, progress: bool) -> None:
+    for stage in ctx.recipe.stages:
+        ctx.stage = stage.name
+        stage_modified = False
+        for step in stage.steps:
+            entry = lookup_config(step.config)
+            t0 = time.perf_counter()
+            entry.handler(ctx, step.config)
+            stage_modified |= entry.kind == "model"
+            ctx.modified |= stage_modified
+            ctx.log.append({"stage": stage.name, "step": step.name,
+                            "seconds": round(time.perf_counter() - t0, 3)})
+        # A stage that changed the model is scored against the original.
+        if ctx.recipe.eval.after_each_stage and stage_modified:
+            ref = ctx.reference() if ctx.modified else None
+            res = evaluate(ctx.loaded, ctx.eval_windows(), reference=ref,
+                           speed=ctx.recipe.eval.speed, name=f"{stage.name}",
+                           progress=progress)
+            ctx.results.append(res)
+
+
+def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
+    ctx.loaded.model.save_pretrained(tmp)
+    ctx.loaded.tokenizer.save_pretrained(tmp)
+    (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
+    (tmp / "metrics.json").write_text(json.dumps([r.to_dict() for r in ctx.results], indent=2))
+    prov = {
+        "model_source": ctx.recipe.model,
+        "model_gguf": str(ctx.loaded.gguf) if ctx.loaded.gguf else None,
+        "eval_data": ctx._eval_windows.provenance if ctx._eval_windows else None,
+        "calibration_data": ctx._calib_windows.provenance if ctx._calib_windows else None,
+        "steps": ctx.log,
+        "environment": _environment(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "seconds": round(time.time() - started, 1),
+    }
+    (tmp / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
+

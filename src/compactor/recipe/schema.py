@@ -1,0 +1,160 @@
+"""The recipe schema: a model, evaluation and calibration settings, and ordered stages of
+steps. Every key is validated; unknown keys and bad values are rejected by name.
+
+Example::
+
+    model: smollm2-135m
+    eval: {data: "austen:eval", tokens: 16384}
+    stages:
+      - name: baseline
+        steps:
+          - evaluate: {source: input.gguf}
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from compactor.config import StepConfig, check
+from compactor.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EvalSettings(StepConfig):
+    """How the runner evaluates after each stage (and the default for ``evaluate`` steps)."""
+
+    name = "eval"
+    data: str = "austen:eval"
+    tokens: int = 32768
+    window: int = 512
+    stride: int | None = None
+    bos: Literal["none", "prepend"] = "none"
+    speed: bool = True
+    after_each_stage: bool = True
+
+    def validate(self) -> None:
+        check(self.tokens >= self.window, f"eval.tokens ({self.tokens}) must be >= eval.window ({self.window})")
+        check(self.window >= 2, f"eval.window must be >= 2, got {self.window}")
+
+
+@dataclass(frozen=True)
+class CalibrationSettings(StepConfig):
+    """Calibration data for calibrated steps: ``samples`` windows of ``window`` tokens."""
+
+    name = "calibration"
+    data: str = "austen:calib"
+    samples: int = 128
+    window: int = 512
+
+    def validate(self) -> None:
+        check(self.samples >= 1, f"calibration.samples must be >= 1, got {self.samples}")
+        check(self.window >= 2, f"calibration.window must be >= 2, got {self.window}")
+
+
+@dataclass
+class Step:
+    config: StepConfig
+
+    @property
+    def name(self) -> str:
+        return type(self.config).name
+
+
+@dataclass
+class Stage:
+    name: str
+    steps: list[Step]
+
+
+@dataclass
+class Recipe:
+    """A parsed, validated recipe."""
+
+    model: str
+    stages: list[Stage]
+    reference: str | None = "original"
+    eval: EvalSettings = field(default_factory=EvalSettings)
+    calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+
+    _TOP_KEYS = ("model", "reference", "eval", "calibration", "stages")
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
+        from compactor.registry import lookup
+
+        if not isinstance(data, dict):
+            raise ConfigError(f"{where}: a recipe must be a mapping with keys {', '.join(cls._TOP_KEYS)}")
+        unknown = [k for k in data if k not in cls._TOP_KEYS]
+        if unknown:
+            raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(cls._TOP_KEYS)}")
+        if not isinstance(data.get("model"), str):
+            raise ConfigError(f"{where}: 'model' is required (an alias, directory or .gguf path)")
+        ref = data.get("reference", "original")
+        if ref is not None and not isinstance(ref, str):
+            raise ConfigError(f"{where}: 'reference' must be 'original', a model source or null")
+        stages_raw = data.get("stages")
+        if not isinstance(stages_raw, list) or not stages_raw:
+            raise ConfigError(f"{where}: 'stages' must be a non-empty list")
+        stages = []
+        for i, st in enumerate(stages_raw):
+            here = f"{where}: stages[{i}]"
+            if not isinstance(st, dict):
+                raise ConfigError(f"{here}: a stage is a mapping with keys name, steps")
+            bad = [k for k in st if k not in ("name", "steps")]
+            if bad:
+                raise ConfigError(f"{here}: unknown key {bad[0]!r}; allowed keys: name, steps")
+            steps_raw = st.get("steps")
+            if not isinstance(steps_raw, list) or not steps_raw:
+                raise ConfigError(f"{here}: 'steps' must be a non-empty list")
+            steps = []
+            for j, s in enumerate(steps_raw):
+                if not (isinstance(s, dict) and len(s) == 1):
+                    raise ConfigError(f"{here}.steps[{j}]: a step is a one-key mapping, e.g. `- evaluate: {{}}`")
+                (sname, body), = s.items()
+                if body is not None and not isinstance(body, dict):
+                    raise ConfigError(f"{here}.steps[{j}] ({sname}): settings must be a mapping")
+                entry = lookup(sname)
+                try:
+                    steps.append(Step(entry.config_cls.from_dict(body)))
+                except ConfigError as exc:
+                    raise ConfigError(f"{here}.steps[{j}]: {exc}") from None
+            stages.append(Stage(str(st.get("name", f"stage{i}")), steps))
+        try:
+            ev = EvalSettings.from_dict(data.get("eval"))
+            cal = CalibrationSettings.from_dict(data.get("calibration"))
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        return cls(model=data["model"], stages=stages, reference=ref, eval=ev, calibration=cal)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "reference": self.reference,
+            "eval": self.eval.to_dict(),
+            "calibration": self.calibration.to_dict(),
+            "stages": [
+                {"name": st.name, "steps": [{s.name: s.config.to_dict()} for s in st.steps]}
+                for st in self.stages
+            ],
+        }
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Parse and validate a recipe file."""
+    from compactor.errors import CompactorError
+
+    path = Path(path)
+    if not path.is_file():
+        raise CompactorError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    return Recipe.from_dict(data, where=str(path))
