@@ -1,0 +1,1 @@
+"""Pure tensor functions: no nn.Module walking, no transformers imports."""

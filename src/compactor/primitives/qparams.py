@@ -1,0 +1,93 @@
+"""One representation for every weight grid: per-block affine or codebook quantization.
+
+A weight row of ``in`` columns is cut into contiguous blocks of ``block`` columns; each
+(row, block) has a ``scale`` and an ``offset``, and a code ``q`` stands for::
+
+    value = scale * level(q) - offset      level(q) = q              (linear grids)
+                                           level(q) = codebook[q]    (NF4, IQ4_NL)
+
+Per-tensor, per-channel and per-group grids are the cases ``block == in`` (with one row of
+parameters broadcast), ``block == in`` and ``block == group``; the GGUF block formats are
+``block`` 16 or 32 with scales restricted to what the format can store. Algorithms (RTN,
+GPTQ, AWQ) only ever call :meth:`QParams.quantize` / :meth:`QParams.dequantize`, so each
+works on every grid, and exporters pack the codes exactly as chosen.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class QParams:
+    """Fixed quantization parameters for a 2-D weight ``[out, in]``.
+
+    scale, offset: ``[out, in // block]`` float32 (offset may be None = 0).
+    qmin, qmax: code range (inclusive). codebook: ``[K]`` levels or None (linear).
+    extra: format-specific integers an exporter needs (e.g. fp16 super-block scales and
+    6-bit sub-block scales of a K-quant), never needed to dequantize.
+    """
+
+    scale: torch.Tensor
+    offset: torch.Tensor | None
+    block: int
+    qmin: int
+    qmax: int
+    codebook: torch.Tensor | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.scale.shape[0], self.scale.shape[1] * self.block
+
+    def _expand(self, t: torch.Tensor | None, cols: slice) -> torch.Tensor | None:
+        if t is None:
+            return None
+        # [out, nb] -> [out, in], then the requested columns.
+        return t.repeat_interleave(self.block, dim=1)[:, cols]
+
+    def quantize(self, w: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
+        """Nearest codes for ``w [out, c]`` occupying columns ``cols`` of the weight."""
+        cols = cols if cols is not None else slice(0, self.shape[1])
+        s = self._expand(self.scale, cols)
+        x = w.float()
+        if self.offset is not None:
+            x = x + self._expand(self.offset, cols)
+        # Dead blocks (scale 0) quantize to the code closest to value 0.
+        safe = torch.where(s == 0, torch.ones_like(s), s)
+        y = x / safe
+        if self.codebook is None:
+            q = torch.round(y).clamp(self.qmin, self.qmax)
+        else:
+            q = (y[..., None] - self.codebook).abs().argmin(-1)
+        return q.to(torch.int32)
+
+    def dequantize(self, q: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
+        """Values of codes ``q [out, c]`` at columns ``cols`` (float32)."""
+        cols = cols if cols is not None else slice(0, self.shape[1])
+        s = self._expand(self.scale, cols)
+        level = q.float() if self.codebook is None else self.codebook[q.long()]
+        v = s * level
+        if self.offset is not None:
+            v = v - self._expand(self.offset, cols)
+        return v
+
+    def fake_quantize(self, w: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
+        """quantize -> dequantize (no gradient)."""
+        return self.dequantize(self.quantize(w, cols), cols)
+
+
+def blocks_view(w: torch.Tensor, block: int) -> torch.Tensor:
+    """``[out, in] -> [out, in // block, block]`` (checks divisibility)."""
+    out, n = w.shape
+    if n % block:
+        raise ValueError(f"width {n} is not a multiple of the block size {block}")
+    return w.reshape(out, n // block, block)
+
+
+def fit_scale_offset(w: torch.Tensor, block: int, fn) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Apply ``fn(blocks [out, nb, block]) -> (scale [out, nb], offset [out, nb] | None)``."""
+    return fn(blocks_view(w.float(), block))

@@ -1,0 +1,52 @@
+import json
+
+import pytest
+import yaml
+
+from compactor.errors import CompactorError
+from compactor.models.load import load_model
+from compactor.recipe import load_recipe, run_recipe
+
+
+def _recipe(tmp_path, model, text, steps):
+    r = {
+        "model": str(model),
+        "eval": {"data": str(text), "tokens": 128, "window": 64, "speed": False},
+        "stages": [{"name": "only", "steps": steps}],
+    }
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(r))
+    return load_recipe(p)
+
+
+def test_run_writes_self_describing_output(tmp_path, tiny_dir, text_file):
+    rec = _recipe(tmp_path, tiny_dir, text_file, [{"evaluate": {"label": "tiny"}}])
+    out = tmp_path / "out"
+    ctx = run_recipe(rec, out=out, progress=False)
+    assert ctx.results[0].name == "tiny" and ctx.results[0].tokens == 2 * 63
+    for f in ("config.json", "model.safetensors", "recipe.yaml", "metrics.json", "provenance.json"):
+        assert (out / f).exists(), f
+    assert json.loads((out / "metrics.json").read_text())[0]["ppl"] == pytest.approx(ctx.results[0].ppl)
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["environment"]["compactor"] == "0.1.0"
+    assert prov["eval_data"]["window"] == 64 and prov["eval_data"]["source"] == "user"
+    assert load_recipe(out / "recipe.yaml").to_dict() == rec.to_dict()
+    load_model(out)  # the output directory is itself a loadable model
+
+
+def test_failure_leaves_nothing(tmp_path, tiny_dir, text_file):
+    rec = _recipe(tmp_path, tiny_dir, text_file, [{"evaluate": {"source": str(tmp_path / "missing")}}])
+    out = tmp_path / "out"
+    with pytest.raises(CompactorError, match="model not found"):
+        run_recipe(rec, out=out, progress=False)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_existing_output_needs_force(tmp_path, tiny_dir, text_file):
+    rec = _recipe(tmp_path, tiny_dir, text_file, [{"evaluate": {}}])
+    (tmp_path / "out").mkdir()
+    with pytest.raises(CompactorError, match="already exists"):
+        run_recipe(rec, out=tmp_path / "out", progress=False)
+    run_recipe(rec, out=tmp_path / "out", overwrite=True, progress=False)
+    assert (tmp_path / "out" / "metrics.json").exists()
