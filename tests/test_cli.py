@@ -46,7 +46,7 @@ def test_recipe_unknown_key_writes_nothing(tmp_path, capsys):
 
 
 def test_help_for_every_command():
-    for cmd in ([], ["fetch"], ["eval"], ["run"]):
+    for cmd in ([], ["fetch"], ["eval"], ["run"], ["quantize"]):
         proc = subprocess.run([sys.executable, "-m", "compactor.cli", *cmd, "--help"],
                               capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: compactor" in proc.stdout

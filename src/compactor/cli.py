@@ -65,6 +65,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from compactor.evaluate import table
+    from compactor.recipe import Recipe, run_recipe
+
+    step = {"grid": args.grid, "bits": args.bits, "group_size": args.group_size,
+            "symmetric": not args.asym}
+    if args.method == "gptq":
+        step.update(act_order=args.act_order, dampening=args.dampening)
+    data = {
+        "model": args.model,
+        "eval": {"data": args.data, "tokens": args.tokens, "window": args.window,
+                 "after_each_stage": not args.no_eval, "speed": not args.no_speed},
+        "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
+        "stages": [{"name": args.method, "steps": [{args.method: step}]}],
+    }
+    recipe = Recipe.from_dict(data, where="compactor quantize")
+    ctx = run_recipe(recipe, out=args.out, overwrite=args.force)
+    for rep in ctx.reports:
+        for note in rep.get("notes", []):
+            print(f"note: {note}")
+    if ctx.results:
+        print(table(ctx.results))
+    print(f"\nwrote {ctx.out_dir} (codes in quantization.safetensors, recipe.yaml, metrics.json, provenance.json)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compactor", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -82,6 +108,27 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", metavar="OUT.json", help="also write the metrics as JSON")
     e.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed test")
     e.set_defaults(fn=cmd_eval)
+
+    q = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ) on an int, NF4 or GGUF grid")
+    q.add_argument("model")
+    q.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
+    q.add_argument("--grid", default="int", help="int, nf4, or a GGUF type: q8_0 q5_0 q5_1 q4_0 q4_1 "
+                   "iq4_nl q6_k q5_k q4_k q3_k q2_k (default int)")
+    q.add_argument("--bits", type=int, default=4, help="int grid bits, 2..8 (default 4)")
+    q.add_argument("--group-size", type=int, default=128,
+                   help="int/nf4 group size; -1 per channel, 0 per tensor (default 128)")
+    q.add_argument("--asym", action="store_true", help="asymmetric int grid (zero point)")
+    q.add_argument("--act-order", action="store_true", help="GPTQ activation order (static groups)")
+    q.add_argument("--dampening", type=float, default=0.01, help="GPTQ damping fraction (default 0.01)")
+    q.add_argument("--calib-data", default="austen:calib", help="calibration text (default austen:calib)")
+    q.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    q.add_argument("--calib-window", type=int, default=512, help="calibration window length (default 512)")
+    _add_data_args(q)
+    q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
+    q.add_argument("--no-speed", action="store_true", help="skip the speed test")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--force", action="store_true", help="replace an existing output directory")
+    q.set_defaults(fn=cmd_quantize)
 
     r = sub.add_parser("run", help="run a recipe (YAML) and write its output directory")
     r.add_argument("recipe")

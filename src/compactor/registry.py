@@ -21,14 +21,17 @@ from compactor.errors import ConfigError
 class Entry:
     config_cls: type[StepConfig]
     handler: Callable[..., Any]
-    kind: str  # "model" (transforms the model), "eval", "export", ...
+    kind: str  # "module": handler(module, cfg, name=, stats=) -> replacement; "eval": handler(ctx, cfg)
 
 
 _BY_NAME: dict[str, Entry] = {}
 
 
-def register(config_cls: type[StepConfig], kind: str = "model") -> Callable:
-    """Decorator: register ``handler(ctx, cfg)`` for ``config_cls`` under ``config_cls.name``."""
+def register(config_cls: type[StepConfig], kind: str = "module") -> Callable:
+    """Decorator: register a handler for ``config_cls`` under ``config_cls.name``.
+
+    ``kind="module"``: ``handler(module, cfg, name=..., stats=...) -> replacement module``,
+    applied by a walker; ``kind="eval"``: ``handler(ctx, cfg)`` run by the recipe runner."""
     if not config_cls.name:
         raise TypeError(f"{config_cls.__name__} needs a class-level `name`")
 

@@ -133,6 +133,9 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except OSError as exc:
         raise CompactorError(f"could not load the model in {directory}: {exc}") from None
+    from compactor.quant.storage import restore_quantization
+
+    restored = restore_quantization(model, directory)
     model.eval()
     return LoadedModel(
         model=model,
@@ -142,4 +145,5 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         path=directory,
         gguf=gguf_path,
         load_seconds=time.perf_counter() - t0,
+        info={"quantized_modules": restored},
     )

@@ -75,6 +75,28 @@ class QParams:
             v = v - self._expand(self.offset, cols)
         return v
 
+    def column(self, j: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scale [out], offset [out] or None) of input column ``j``."""
+        b = j // self.block
+        return self.scale[:, b], None if self.offset is None else self.offset[:, b]
+
+    def quantize_column(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(codes [out], values [out]) of column ``j`` holding ``w [out]``; the fast path
+        GPTQ uses one column at a time."""
+        s, off = self.column(j)
+        x = w.float() if off is None else w.float() + off
+        y = x / torch.where(s == 0, torch.ones_like(s), s)
+        if self.codebook is None:
+            q = torch.round(y).clamp(self.qmin, self.qmax)
+            level = q
+        else:
+            q = (y[:, None] - self.codebook).abs().argmin(-1)
+            level = self.codebook[q]
+        v = s * level
+        if off is not None:
+            v = v - off
+        return q.to(torch.int32), v
+
     def fake_quantize(self, w: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
         """quantize -> dequantize (no gradient)."""
         return self.dequantize(self.quantize(w, cols), cols)
@@ -91,3 +113,15 @@ def blocks_view(w: torch.Tensor, block: int) -> torch.Tensor:
 def fit_scale_offset(w: torch.Tensor, block: int, fn) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Apply ``fn(blocks [out, nb, block]) -> (scale [out, nb], offset [out, nb] | None)``."""
     return fn(blocks_view(w.float(), block))
+
+
+def concat_columns(parts: list[QParams]) -> QParams:
+    """Join QParams fitted on consecutive column ranges of one weight into one."""
+    first = parts[0]
+    if len(parts) == 1:
+        return first
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=1)
+    extra = {k: torch.cat([p.extra[k] for p in parts], dim=1) for k in first.extra
+             if isinstance(first.extra[k], torch.Tensor) and first.extra[k].dim() >= 2}
+    return QParams(cat([p.scale for p in parts]), cat([p.offset for p in parts]), first.block,
+                   first.qmin, first.qmax, first.codebook, extra)

@@ -16,6 +16,7 @@ from compactor.data.windows import TokenWindows, windows_for
 from compactor.evaluate.harness import EvalResult, evaluate
 from compactor.io import atomic_dir
 from compactor.models.load import LoadedModel, load_model
+from compactor.quant.storage import save_model
 from compactor.recipe.schema import Recipe
 from compactor.registry import lookup_config
 
@@ -34,6 +35,7 @@ class RunContext:
     _eval_windows: TokenWindows | None = None
     _calib_windows: TokenWindows | None = None
     log: list[dict] = field(default_factory=list)
+    reports: list[dict] = field(default_factory=list)
 
     @property
     def model(self):
@@ -104,8 +106,11 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
         for step in stage.steps:
             entry = lookup_config(step.config)
             t0 = time.perf_counter()
-            entry.handler(ctx, step.config)
-            stage_modified |= entry.kind == "model"
+            if entry.kind == "module":
+                apply_module_step(ctx, step.config, progress)
+            else:
+                entry.handler(ctx, step.config)
+            stage_modified |= entry.kind == "module"
             ctx.modified |= stage_modified
             ctx.log.append({"stage": stage.name, "step": step.name,
                             "seconds": round(time.perf_counter() - t0, 3)})
@@ -119,8 +124,7 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
 
 
 def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
-    ctx.loaded.model.save_pretrained(tmp)
-    ctx.loaded.tokenizer.save_pretrained(tmp)
+    save_model(ctx.loaded.model, ctx.loaded.tokenizer, tmp)
     (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
     (tmp / "metrics.json").write_text(json.dumps([r.to_dict() for r in ctx.results], indent=2))
     prov = {
@@ -129,9 +133,41 @@ def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
         "eval_data": ctx._eval_windows.provenance if ctx._eval_windows else None,
         "calibration_data": ctx._calib_windows.provenance if ctx._calib_windows else None,
         "steps": ctx.log,
+        "reports": ctx.reports,
         "environment": _environment(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "seconds": round(time.time() - started, 1),
     }
     (tmp / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
 
+
+
+def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
+    """Route a module-level step to a walker: calibrated steps to the sequential runner
+    (on the recipe's calibration windows), data-free ones to :func:`compactor.api.quantize_`."""
+    from compactor.api import quantize_
+    from compactor.calibration.sequential import run_sequential
+    from compactor.registry import lookup_config
+    from compactor.targeting import match_modules
+
+    model = ctx.loaded.model
+    if getattr(cfg, "needs_calibration", False):
+        chosen = set(match_modules(model, cfg.targets, cfg.ignore))
+        rep = run_sequential(model, ctx.calib_windows(), lookup_config(cfg).handler, cfg,
+                             adapter=ctx.loaded.adapter,
+                             true_sequential=getattr(cfg, "true_sequential", True),
+                             skip=lambda name: name not in chosen, progress=progress)
+        ctx.reports.append({"step": type(cfg).name, "modules": len(rep.modules),
+                            "seconds": round(rep.seconds, 1), "peak_rss_bytes": rep.peak_rss_bytes,
+                            "calibration_tokens": rep.tokens, "notes": _count(rep.notes)})
+    else:
+        names = quantize_(model, cfg)
+        notes = [m.note for n in names if getattr(m := model.get_submodule(n), "note", None)]
+        ctx.reports.append({"step": type(cfg).name, "modules": len(names), "notes": _count(notes)})
+
+
+def _count(notes: list[str]) -> list[str]:
+    """'<n> modules: <note>' for each distinct note (fallbacks are reported, never silent)."""
+    from collections import Counter
+
+    return [f"{k} module{'s' if k > 1 else ''}: {note}" for note, k in sorted(Counter(notes).items())]

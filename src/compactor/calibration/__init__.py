@@ -1,0 +1,1 @@
+"""Layer-by-layer calibration: capture inputs, observe with hooks, apply, propagate."""

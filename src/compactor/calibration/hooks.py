@@ -1,0 +1,32 @@
+"""Forward hooks that are always removed, and an exception to stop a forward pass early."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+from torch import nn
+
+
+class StopForward(Exception):
+    """Raised from a hook once everything needed has been captured."""
+
+
+@contextlib.contextmanager
+def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, object], None],
+                stop_after: str | None = None) -> Iterator[None]:
+    """Call ``fn(name, input_tensor)`` before each module runs; if ``stop_after`` is given,
+    raise :class:`StopForward` right after that module's input was seen (its own compute
+    and everything after it are skipped). Hooks are removed on exit, whatever happens."""
+    handles = []
+    try:
+        for name, mod in modules.items():
+            def hook(_m, args, _name=name):
+                fn(_name, args[0])
+                if _name == stop_after:
+                    raise StopForward
+            handles.append(mod.register_forward_pre_hook(hook))
+        yield
+    finally:
+        for h in handles:
+            h.remove()

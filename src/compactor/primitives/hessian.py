@@ -1,0 +1,61 @@
+"""The layer-input Hessian of the squared reconstruction error, H = 2/n * sum x x^T,
+accumulated in float32, with damping and dead-column handling (GPTQ / SparseGPT)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class HessianAccumulator:
+    """Running ``sum x x^T`` and token count for inputs ``x [..., in]``."""
+
+    def __init__(self, in_features: int):
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2/n * sum x x^T`` ([in, in], float32)."""
+        if self.count == 0:
+            raise ValueError("no calibration inputs were observed")
+        return self.sum * (2.0 / self.count)
+
+    def mean_sq(self) -> torch.Tensor:
+        """Per-column mean of x^2 ([in]): llama.cpp's importance-matrix statistic."""
+        return torch.diagonal(self.sum) / max(self.count, 1)
+
+
+def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Damp ``H`` and mark dead columns. Returns (damped H, dead mask [in]).
+
+    Dead columns (never active: zero diagonal) get H_jj = 1 so H stays invertible; their
+    weights should be zeroed by the caller (they never influence the output). Damping adds
+    ``percdamp * mean(diag H)`` to the diagonal.
+    """
+    H = H.clone().float()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    diag[dead] = 1.0
+    diag += percdamp * diag.mean()
+    return H, dead
+
+
+def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 (what GPTQ's column updates read), float32.
+
+    Retries with growing damping if H is numerically not positive definite.
+    """
+    damp = 0.0
+    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    for _ in range(6):
+        try:
+            L = torch.linalg.cholesky(H + damp * eye)
+            Hinv = torch.cholesky_inverse(L)
+            return torch.linalg.cholesky(Hinv, upper=True)
+        except torch.linalg.LinAlgError:
+            damp = max(damp * 10, 1e-6 * float(torch.diagonal(H).mean()))
+    raise ValueError("Hessian is not positive definite even after extra damping")

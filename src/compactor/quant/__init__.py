@@ -1,0 +1,1 @@
+"""Quantization algorithms: one module per method (config + pure core + handler)."""

@@ -1,0 +1,105 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for Generative
+Pre-trained Transformers", arXiv:2210.17323), on any grid including the GGUF K-quants.
+
+Columns are quantized one at a time; each column's rounding error is spread over the
+not-yet-quantized columns through the inverse Hessian of the layer's input,
+``H = 2/n sum x x^T``, so the layer's *output* error is minimized rather than the weight
+error. Lazy batch updates (blocks of columns), damping as a fraction of mean(diag H),
+dead-column handling, optional activation order.
+
+Grid parameters are either fitted up front on the original weight ("static", required with
+activation order so groups stay contiguous and map to GGUF blocks; the K-quant super-block
+scales are fixed first, then GPTQ chooses codes) or lazily as each group is reached, on the
+error-compensated weights (the original GPTQ group behaviour).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from compactor.config import check
+from compactor.primitives.hessian import inverse_cholesky_upper, prepare_hessian
+from compactor.primitives.qparams import QParams, concat_columns
+from compactor.quant.qlinear import QuantizedLinear
+from compactor.quant.spec import WeightQuantConfig, resolve_grid
+from compactor.registry import register
+
+
+@dataclass(frozen=True)
+class GPTQConfig(WeightQuantConfig):
+    """GPTQ settings. ``dampening``: fraction of mean(diag H) added to the diagonal."""
+
+    name = "gptq"
+    needs_calibration = True
+    block_size: int = 128
+    dampening: float = 0.01
+    act_order: bool = False
+    static_groups: bool = True
+    true_sequential: bool = True
+
+    def validate(self) -> None:
+        super().validate()
+        check(0 <= self.dampening < 1, f"gptq.dampening must be in [0, 1), got {self.dampening}")
+        check(self.block_size >= 1, f"gptq.block_size must be >= 1, got {self.block_size}")
+        check(self.static_groups or not self.act_order,
+              "gptq.act_order needs static_groups: true (groups must stay contiguous)")
+
+
+def gptq(W: torch.Tensor, H: torch.Tensor, fit, unit: int, block_size: int = 128,
+         percdamp: float = 0.01, act_order: bool = False, static_groups: bool = True,
+         importance: torch.Tensor | None = None) -> tuple[torch.Tensor, QParams]:
+    """Quantize ``W [out, in]`` given the input Hessian ``H [in, in]``.
+
+    ``fit(w [out, k], importance) -> QParams`` fits a grid on ``k`` columns (a multiple of
+    ``unit``). Returns (codes [out, in] int32, QParams of the whole weight).
+    """
+    W = W.detach().clone().float()
+    out, n = W.shape
+    H, dead = prepare_hessian(H, percdamp)
+    W[:, dead] = 0  # inputs that are always zero: their weights never matter
+    if static_groups:
+        qp = fit(W, importance)
+        parts = None
+    else:
+        qp, parts = None, []
+    perm = torch.argsort(torch.diagonal(H), descending=True) if act_order else torch.arange(n)
+    W, H = W[:, perm], H[perm][:, perm]
+    Hinv = inverse_cholesky_upper(H)  # U with H^-1 = U^T U; row i holds column i's updates
+    codes = torch.zeros(out, n, dtype=torch.int32)
+    # Lazy fits need whole units inside one block of columns.
+    bs = block_size if static_groups else unit * max(1, -(-block_size // unit))
+    for i1 in range(0, n, bs):
+        i2 = min(i1 + bs, n)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            j = int(perm[i1 + i])  # original column index (grid parameters are per original column)
+            if not static_groups and j % unit == 0:
+                parts.append(fit(W1[:, i:i + unit], None if importance is None else importance[j:j + unit]))
+                qp = concat_columns(parts)
+            w = W1[:, i]
+            d = Hinv[i1 + i, i1 + i]
+            q, v = qp.quantize_column(w, j)
+            codes[:, j] = q
+            err = (w - v) / d
+            # Spread this column's error over the rest of the block (the OBS update).
+            W1[:, i:] -= err[:, None] * Hinv[i1 + i, i1 + i:i2][None, :]
+            Err1[:, i] = err
+        # Lazy batch update of all later columns at once.
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return codes, qp
+
+
+@register(GPTQConfig)
+def apply_gptq(module: torch.nn.Linear, cfg: GPTQConfig, name: str = "", stats=None) -> QuantizedLinear:
+    """Replace ``module`` by its GPTQ quantization; ``stats`` is its input's HessianAccumulator."""
+    if stats is None:
+        raise ValueError(f"{name}: GPTQ needs calibration statistics (run it through the sequential runner)")
+    grid = resolve_grid(cfg, module.in_features, name)
+    codes, qp = gptq(module.weight.detach(), stats.hessian(), grid.fit, grid.unit, cfg.block_size,
+                     cfg.dampening, cfg.act_order, cfg.static_groups, importance=stats.mean_sq())
+    q = QuantizedLinear(codes, qp, grid.label, grid.bits_per_weight, module.bias, module.weight.dtype)
+    q.note = grid.note
+    return q

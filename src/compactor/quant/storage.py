@@ -1,0 +1,101 @@
+"""Save and restore quantized models.
+
+An output directory stays a normal transformers checkpoint (``model.safetensors`` holds the
+dequantized weights, so plain transformers loads it) and adds the integer codes and grid
+parameters of every quantized linear in ``quantization.safetensors``, described by
+``quantization.json``. compactor restores :class:`QuantizedLinear` modules from them, and
+exporters pack those codes without re-rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compactor.errors import CompactorError
+from compactor.primitives.qparams import QParams
+from compactor.quant.qlinear import QuantizedLinear
+
+MANIFEST = "quantization.json"
+TENSORS = "quantization.safetensors"
+
+
+def quantized_modules(model) -> dict[str, QuantizedLinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+
+
+@contextlib.contextmanager
+def dequantized_view(model) -> Iterator[None]:
+    """Temporarily swap QuantizedLinear modules for plain Linear ones (for save_pretrained)."""
+    qmods = quantized_modules(model)
+    for n, m in qmods.items():
+        model.set_submodule(n, m.to_linear())
+    try:
+        yield
+    finally:
+        for n, m in qmods.items():
+            model.set_submodule(n, m)
+
+
+def save_quantization(model, directory: Path) -> dict:
+    """Write codes + parameters of every QuantizedLinear; returns the manifest."""
+    tensors, manifest = {}, {}
+    for n, m in quantized_modules(model).items():
+        qp = m.qparams
+        tensors[f"{n}.codes"] = m.codes.contiguous()
+        tensors[f"{n}.scale"] = qp.scale.contiguous()
+        if qp.offset is not None:
+            tensors[f"{n}.offset"] = qp.offset.contiguous()
+        if qp.codebook is not None:
+            tensors[f"{n}.codebook"] = qp.codebook.contiguous()
+        extra = [k for k, v in qp.extra.items() if isinstance(v, torch.Tensor)]
+        for k in extra:
+            tensors[f"{n}.extra.{k}"] = qp.extra[k].contiguous()
+        manifest[n] = {"grid": m.label, "bits_per_weight": m.bits_per_weight, "block": qp.block,
+                       "qmin": qp.qmin, "qmax": qp.qmax, "extra": extra,
+                       "shape": [m.out_features, m.in_features]}
+    if manifest:
+        save_file(tensors, str(directory / TENSORS))
+        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def restore_quantization(model, directory: Path) -> int:
+    """Replace the Linear modules listed in ``quantization.json`` by QuantizedLinear ones.
+    Returns how many were restored (0 if the directory holds no quantization)."""
+    path = Path(directory) / MANIFEST
+    if not path.exists():
+        return 0
+    manifest = json.loads(path.read_text())
+    try:
+        t = load_file(str(Path(directory) / TENSORS))
+    except Exception as exc:
+        raise CompactorError(f"{directory}/{TENSORS} is unreadable: {exc}") from None
+    for n, info in manifest.items():
+        try:
+            lin = model.get_submodule(n)
+            qp = QParams(t[f"{n}.scale"], t.get(f"{n}.offset"), info["block"], info["qmin"],
+                         info["qmax"], t.get(f"{n}.codebook"),
+                         {k: t[f"{n}.extra.{k}"] for k in info["extra"]})
+            codes = t[f"{n}.codes"]
+        except (AttributeError, KeyError) as exc:
+            raise CompactorError(f"{directory}/{MANIFEST}: module {n}: missing {exc}") from None
+        if list(codes.shape) != info["shape"]:
+            raise CompactorError(f"{directory}: {n}.codes has shape {list(codes.shape)}, "
+                                 f"manifest says {info['shape']}")
+        model.set_submodule(n, QuantizedLinear(codes, qp, info["grid"], info["bits_per_weight"],
+                                               getattr(lin, "bias", None), torch.float32))
+    return len(manifest)
+
+
+def save_model(model, tokenizer, directory: Path) -> None:
+    """save_pretrained (dequantized weights) + tokenizer + quantization codes."""
+    with dequantized_view(model):
+        model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    save_quantization(model, directory)
