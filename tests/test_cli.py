@@ -50,3 +50,28 @@ def test_help_for_every_command():
         proc = subprocess.run([sys.executable, "-m", "compactor.cli", *cmd, "--help"],
                               capture_output=True, text=True)
         assert proc.returncode == 0 and "usage: compactor" in proc.stdout
+
+
+def test_quantize_cli_writes_codes_and_reports_fallbacks(tmp_path, tiny_dir, text_file, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_dir), "--method", "gptq", "--grid", "q4_k",
+               "--calib-data", str(text_file), "--samples", "4", "--calib-window", "64",
+               "--data", str(text_file), "--tokens", "128", "--window", "64", "--no-speed",
+               "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "12 modules: q4_k needs rows that are a multiple of 256 wide, got 64" in printed
+    assert "2 modules: q4_k needs rows that are a multiple of 256 wide, got 128" in printed
+    assert (out / "quantization.safetensors").exists() and (out / "metrics.json").exists()
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["calibration_data"]["n_windows"] == 4 and prov["reports"][0]["step"] == "gptq"
+    res = json.loads((out / "metrics.json").read_text())[0]
+    assert res["kld_mean"] > 0 and res["bpw"] < 32
+
+
+def test_quantize_bad_group_size_writes_nothing(tmp_path, tiny_dir, text_file, capsys):
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_dir), "--method", "rtn", "--group-size", "48",
+               "--data", str(text_file), "--tokens", "128", "--window", "64", "--no-speed", "--out", str(out)])
+    assert rc == 2 and "group size 48 does not divide the input width 64" in capsys.readouterr().err
+    assert not out.exists()

@@ -4,13 +4,19 @@ For every decoder layer, in order: for each group of linears in the adapter's se
 order ([q,k,v] -> [o] -> [gate,up] -> [down] when ``true_sequential``; all at once
 otherwise), run the layer on the calibration inputs with hooks that accumulate the
 statistic the method observes (stopping the forward pass as soon as the group's inputs are
-seen), then apply the method to each linear of the group; finally propagate: run the
-(now compressed) layer without hooks to produce the next layer's inputs. Peak memory is one
-layer's weights plus two copies of the calibration activations.
+seen; members of a group share one input and one statistic), then apply the method to each
+linear of the group; finally propagate: run the (now compressed) layer without hooks to
+produce the next layer's inputs. Peak memory is one layer's weights plus two copies of the
+calibration activations.
+
+``dtype``: the forward passes of calibration may run in bfloat16 (a shadow copy of the
+layer), which is several times faster on CPUs with native bf16 matrix units; statistics are
+accumulated in float32 and the methods always quantize the float32 weights.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -60,10 +66,34 @@ def _capture_layer0(model, layers, windows: TokenWindows, batch: int):
     return captured
 
 
+def bf16_is_fast() -> bool:
+    """Whether this CPU has native bfloat16 matrix instructions (oneDNN's check)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def calibration_dtype(name: str) -> torch.dtype:
+    """``auto``: bfloat16 where the CPU has native bf16 matrix units, else float32."""
+    if name == "auto":
+        return torch.bfloat16 if bf16_is_fast() else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
+def _cast(obj, dtype):
+    if isinstance(obj, torch.Tensor) and obj.is_floating_point():
+        return obj.to(dtype)
+    if isinstance(obj, tuple):
+        return tuple(_cast(o, dtype) for o in obj)
+    return obj
+
+
 def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                    adapter: Adapter | None = None, true_sequential: bool = True,
                    skip: Callable[[str], bool] = lambda name: False,
-                   batch: int = 8, progress: bool = True) -> CalibrationReport:
+                   batch: int = 8, dtype: torch.dtype = torch.float32,
+                   progress: bool = True) -> CalibrationReport:
     """Calibrate and apply ``handler`` to every linear of every decoder layer, in place."""
     if len(windows) == 0:
         raise CompactorError("calibration data is empty: no token windows to observe")
@@ -72,35 +102,42 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     report = CalibrationReport(layers=len(layers), tokens=int(windows.input_ids.numel()))
     reset_peak_rss()
     t0 = time.perf_counter()
-    inputs = _capture_layer0(model, layers, windows, batch)
+    inputs = [(_cast(h, dtype), {k: _cast(v, dtype) for k, v in kw.items()})
+              for h, kw in _capture_layer0(model, layers, windows, batch)]
     groups = adapter.sequential_groups if true_sequential else (adapter.linears,)
     for li in tqdm(range(len(layers)), desc=f"calibrate {type(cfg).name}", disable=not progress, unit="layer"):
         layer = layers[li]
+        # The forward passes run on `runner` (a reduced-precision shadow, or the layer itself).
+        runner = layer if dtype == torch.float32 else copy.deepcopy(layer).to(dtype)
         prefix = f"{adapter.layers}.{li}"
         for group in groups:
             names = [n for n in group if not skip(f"{prefix}.{n}")]
             if not names:
                 continue
-            mods = {n: layer.get_submodule(n) for n in names}
-            stats = {n: HessianAccumulator(m.in_features) for n, m in mods.items()}
-            # Members of a group share one input: stop after the last one is reached.
-            order = [n for n in adapter.linears if n in mods]
-            with torch.no_grad(), input_hooks(mods, lambda n, x: stats[n].add(x), stop_after=order[-1]):
+            # Members of a group share one input: observe it once, on the first member, and
+            # stop the forward pass there.
+            first = next(n for n in adapter.linears if n in names)
+            stat = HessianAccumulator(layer.get_submodule(first).in_features)
+            with torch.no_grad(), input_hooks({first: runner.get_submodule(first)},
+                                              lambda n, x: stat.add(x), stop_after=first):
                 for hidden, kwargs in inputs:
                     try:
-                        layer(hidden, **kwargs)
+                        runner(hidden, **kwargs)
                     except StopForward:
                         pass
-            for n, m in mods.items():
-                new = handler(m, cfg, name=f"{prefix}.{n}", stats=stats[n])
+            for n in names:
+                new = handler(layer.get_submodule(n), cfg, name=f"{prefix}.{n}", stats=stat)
                 layer.set_submodule(n, new)
+                if runner is not layer:
+                    runner.set_submodule(n, copy.deepcopy(new).to(dtype))
                 report.modules.append(f"{prefix}.{n}")
                 if getattr(new, "note", None):
                     report.notes.append(new.note)
-            del stats
+            del stat
         # Propagate the compressed layer's outputs to the next layer.
         with torch.no_grad():
-            inputs = [(_out(layer(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+            inputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+        del runner
     report.seconds = time.perf_counter() - t0
     report.peak_rss_bytes = peak_rss_bytes()
     return report

@@ -16,6 +16,7 @@ error-compensated weights (the original GPTQ group behaviour).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -23,7 +24,7 @@ from compactor.config import check
 from compactor.primitives.hessian import inverse_cholesky_upper, prepare_hessian
 from compactor.primitives.qparams import QParams, concat_columns
 from compactor.quant.qlinear import QuantizedLinear
-from compactor.quant.spec import WeightQuantConfig, resolve_grid
+from compactor.quant.spec import WeightQuantConfig, check_weight, resolve_grid
 from compactor.registry import register
 
 
@@ -38,6 +39,7 @@ class GPTQConfig(WeightQuantConfig):
     act_order: bool = False
     static_groups: bool = True
     true_sequential: bool = True
+    calibration_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def validate(self) -> None:
         super().validate()
@@ -97,6 +99,7 @@ def apply_gptq(module: torch.nn.Linear, cfg: GPTQConfig, name: str = "", stats=N
     """Replace ``module`` by its GPTQ quantization; ``stats`` is its input's HessianAccumulator."""
     if stats is None:
         raise ValueError(f"{name}: GPTQ needs calibration statistics (run it through the sequential runner)")
+    check_weight(module.weight, name)
     grid = resolve_grid(cfg, module.in_features, name)
     codes, qp = gptq(module.weight.detach(), stats.hessian(), grid.fit, grid.unit, cfg.block_size,
                      cfg.dampening, cfg.act_order, cfg.static_groups, importance=stats.mean_sq())

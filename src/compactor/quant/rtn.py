@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from compactor.quant.qlinear import QuantizedLinear
-from compactor.quant.spec import WeightQuantConfig, resolve_grid
+from compactor.quant.spec import WeightQuantConfig, check_weight, resolve_grid
 from compactor.registry import register
 
 
@@ -30,6 +30,7 @@ def rtn(w: torch.Tensor, fit, importance: torch.Tensor | None = None):
 def apply_rtn(module: torch.nn.Linear, cfg: RTNConfig, name: str = "", stats=None) -> QuantizedLinear:
     """Replace ``module`` by its round-to-nearest quantization. ``stats`` (if a calibration
     pass observed one) supplies per-column importance for the ggml scale search."""
+    check_weight(module.weight, name)
     grid = resolve_grid(cfg, module.in_features, name)
     importance = stats.mean_sq() if stats is not None else None
     codes, qp = rtn(module.weight.detach(), grid.fit, importance)

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from compactor.config import StepConfig, check
+from compactor.errors import CompactorError
 from compactor.primitives.ggml import GGML_TYPES, ggml_qparams, resolve_type
 from compactor.primitives.grids import choose_qparams, nf4_qparams, resolve_block
 from compactor.primitives.qparams import QParams
@@ -69,3 +70,12 @@ def resolve_grid(cfg: WeightQuantConfig, in_features: int, where: str = "") -> G
     t, note = resolve_type(cfg.grid, in_features)  # note is shared by all such modules
     fit = lambda w, imp=None: ggml_qparams(w, t.name, importance=imp, search=cfg.search)
     return Grid(t.name, fit, t.block_weights, t.bpw, note)
+
+
+def check_weight(w: torch.Tensor, where: str) -> None:
+    """Refuse NaN/Inf weights by name: quantizing them would silently corrupt the model."""
+    bad = ~torch.isfinite(w)
+    if bad.any():
+        r, c = (int(i) for i in bad.nonzero()[0])
+        raise CompactorError(f"{where or 'weight'}: {int(bad.sum())} non-finite value(s) "
+                             f"(first at row {r}, column {c}); fix the checkpoint before quantizing")

@@ -146,7 +146,7 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
     """Route a module-level step to a walker: calibrated steps to the sequential runner
     (on the recipe's calibration windows), data-free ones to :func:`compactor.api.quantize_`."""
     from compactor.api import quantize_
-    from compactor.calibration.sequential import run_sequential
+    from compactor.calibration.sequential import calibration_dtype, run_sequential
     from compactor.registry import lookup_config
     from compactor.targeting import match_modules
 
@@ -156,6 +156,7 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
         rep = run_sequential(model, ctx.calib_windows(), lookup_config(cfg).handler, cfg,
                              adapter=ctx.loaded.adapter,
                              true_sequential=getattr(cfg, "true_sequential", True),
+                             dtype=calibration_dtype(getattr(cfg, "calibration_dtype", "float32")),
                              skip=lambda name: name not in chosen, progress=progress)
         ctx.reports.append({"step": type(cfg).name, "modules": len(rep.modules),
                             "seconds": round(rep.seconds, 1), "peak_rss_bytes": rep.peak_rss_bytes,

@@ -1,0 +1,36 @@
+import torch
+
+from compactor.api import quantize_
+from compactor.evaluate.size import model_size
+from compactor.models.load import load_model
+from compactor.quant.qlinear import QuantizedLinear
+from compactor.quant.rtn import RTNConfig
+from compactor.quant.storage import save_model
+
+
+def test_codes_round_trip_and_plain_transformers_loads(tmp_path, tiny, tok):
+    names = quantize_(tiny, RTNConfig(grid="int", bits=4, group_size=32, symmetric=False))
+    assert len(names) == 14 and "lm_head" not in names
+    save_model(tiny, tok, tmp_path / "q")
+    back = load_model(tmp_path / "q")
+    assert back.info["quantized_modules"] == 14
+    for n in names:
+        a, b = tiny.get_submodule(n), back.model.get_submodule(n)
+        assert isinstance(b, QuantizedLinear) and torch.equal(a.codes, b.codes) and b.label == "int4_asym_g32"
+        assert torch.equal(a.qparams.extra["zero_point"], b.qparams.extra["zero_point"])
+    x = torch.randint(0, 256, (1, 20))
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.allclose(back.model(x).logits, tiny(x).logits, atol=1e-5)
+        assert torch.allclose(plain(x).logits, tiny(x).logits, atol=1e-5)
+
+
+def test_quantized_size_counts_packed_bits(tiny):
+    before, n_before = model_size(tiny)
+    quantize_(tiny, RTNConfig(grid="q4_0"))
+    after, n_after = model_size(tiny)
+    linear_params = sum(m.out_features * m.in_features for m in tiny.modules() if isinstance(m, QuantizedLinear))
+    assert n_after == n_before
+    assert before - after == linear_params * 4 - linear_params * 18 // 32
