@@ -1,5 +1,6 @@
 """Imports every module that registers recipe steps (explicit, no package scanning)."""
 
 from compactor.evaluate import step as _evaluate  # noqa: F401
+from compactor.quant import awq as _awq  # noqa: F401
 from compactor.quant import gptq as _gptq  # noqa: F401
 from compactor.quant import rtn as _rtn  # noqa: F401

@@ -30,6 +30,7 @@ from compactor.errors import CompactorError
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
 from compactor.models.adapters import Adapter, adapter_for, decoder_layers
 from compactor.primitives.hessian import HessianAccumulator
+from compactor.primitives.stats import InputSample
 
 #: handler(module, cfg, name, stats) -> replacement module
 Handler = Callable[..., torch.nn.Module]
@@ -43,6 +44,7 @@ class CalibrationReport:
     seconds: float = 0.0
     peak_rss_bytes: int = 0
     tokens: int = 0
+    pairs: list[dict] = field(default_factory=list)
 
 
 def _capture_layer0(model, layers, windows: TokenWindows, batch: int):
@@ -105,19 +107,24 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     inputs = [(_cast(h, dtype), {k: _cast(v, dtype) for k, v in kw.items()})
               for h, kw in _capture_layer0(model, layers, windows, batch)]
     groups = adapter.sequential_groups if true_sequential else (adapter.linears,)
+    smoothing = getattr(cfg, "smoothing", False)
+    # Smoothing methods (AWQ, SmoothQuant) visit producer -> consumers pairs; the others
+    # visit groups of linears that share an input.
+    units = ([(p, c) for p, c in adapter.smooth_pairs] if smoothing else [(None, g) for g in groups])
     for li in tqdm(range(len(layers)), desc=f"calibrate {type(cfg).name}", disable=not progress, unit="layer"):
         layer = layers[li]
         # The forward passes run on `runner` (a reduced-precision shadow, or the layer itself).
         runner = layer if dtype == torch.float32 else copy.deepcopy(layer).to(dtype)
         prefix = f"{adapter.layers}.{li}"
-        for group in groups:
+        for producer, group in units:
             names = [n for n in group if not skip(f"{prefix}.{n}")]
             if not names:
                 continue
             # Members of a group share one input: observe it once, on the first member, and
             # stop the forward pass there.
-            first = next(n for n in adapter.linears if n in names)
-            stat = HessianAccumulator(layer.get_submodule(first).in_features)
+            first = next(n for n in adapter.linears if n in group)
+            width = layer.get_submodule(first).in_features
+            stat = (InputSample(width, cfg.sample_tokens) if smoothing else HessianAccumulator(width))
             with torch.no_grad(), input_hooks({first: runner.get_submodule(first)},
                                               lambda n, x: stat.add(x), stop_after=first):
                 for hidden, kwargs in inputs:
@@ -125,6 +132,14 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                         runner(hidden, **kwargs)
                     except StopForward:
                         pass
+            if producer is not None:
+                # Scales fold into the producer and all consumers of this input.
+                report.pairs.append(handler(layer, cfg, name=prefix, producer=producer,
+                                            consumers=list(group), stats=stat,
+                                            norm_offset=adapter.norm_offset))
+                if runner is not layer:
+                    runner = copy.deepcopy(layer).to(dtype)
+                continue
             for n in names:
                 new = handler(layer.get_submodule(n), cfg, name=f"{prefix}.{n}", stats=stat)
                 layer.set_submodule(n, new)
@@ -134,6 +149,21 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                 if getattr(new, "note", None):
                     report.notes.append(new.note)
             del stat
+        follow = cfg.followup() if hasattr(cfg, "followup") else None
+        if follow is not None:  # e.g. AWQ then RTN: quantize the smoothed layer
+            from compactor.registry import lookup_config
+
+            fh = lookup_config(follow).handler
+            for n in adapter.linears:
+                if skip(f"{prefix}.{n}"):
+                    continue
+                new = fh(layer.get_submodule(n), follow, name=f"{prefix}.{n}")
+                layer.set_submodule(n, new)
+                report.modules.append(f"{prefix}.{n}")
+                if getattr(new, "note", None):
+                    report.notes.append(new.note)
+            if runner is not layer:
+                runner = copy.deepcopy(layer).to(dtype)
         # Propagate the compressed layer's outputs to the next layer.
         with torch.no_grad():
             inputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]

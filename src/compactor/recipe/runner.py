@@ -106,11 +106,11 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
         for step in stage.steps:
             entry = lookup_config(step.config)
             t0 = time.perf_counter()
-            if entry.kind == "module":
+            if entry.kind in ("module", "pair"):
                 apply_module_step(ctx, step.config, progress)
             else:
                 entry.handler(ctx, step.config)
-            stage_modified |= entry.kind == "module"
+            stage_modified |= entry.kind in ("module", "pair")
             ctx.modified |= stage_modified
             ctx.log.append({"stage": stage.name, "step": step.name,
                             "seconds": round(time.perf_counter() - t0, 3)})
@@ -160,7 +160,8 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
                              skip=lambda name: name not in chosen, progress=progress)
         ctx.reports.append({"step": type(cfg).name, "modules": len(rep.modules),
                             "seconds": round(rep.seconds, 1), "peak_rss_bytes": rep.peak_rss_bytes,
-                            "calibration_tokens": rep.tokens, "notes": _count(rep.notes)})
+                            "calibration_tokens": rep.tokens, "notes": _count(rep.notes),
+                            **({"pairs": rep.pairs} if rep.pairs else {})})
     else:
         names = quantize_(model, cfg)
         notes = [m.note for n in names if getattr(m := model.get_submodule(n), "note", None)]

@@ -1,0 +1,39 @@
+"""Running statistics of layer inputs: per-column mean |x| and mean x^2, plus a bounded
+random sample of input rows (for methods that search by reconstructing outputs)."""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputSample:
+    """Accumulates ``mean |x|`` per column over all tokens and keeps up to ``max_rows`` rows
+    (a uniform reservoir sample, seeded) of ``x [..., in]`` in float32."""
+
+    def __init__(self, in_features: int, max_rows: int = 1024, seed: int = 0):
+        self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.sq_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.count = 0
+        self.max_rows = max_rows
+        self.rows: torch.Tensor | None = None
+        self._gen = torch.Generator().manual_seed(seed)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.abs_sum += x.abs().sum(0).double()
+        self.sq_sum += x.pow(2).sum(0).double()
+        seen = self.count
+        self.count += x.shape[0]
+        # Reservoir sampling: every row seen so far is kept with equal probability.
+        keep = torch.rand(x.shape[0], generator=self._gen) < self.max_rows / max(self.count, 1)
+        new = x[keep] if seen else x
+        self.rows = new if self.rows is None else torch.cat([self.rows, new])
+        if self.rows.shape[0] > self.max_rows:
+            idx = torch.randperm(self.rows.shape[0], generator=self._gen)[: self.max_rows]
+            self.rows = self.rows[idx.sort().values]
+
+    def mean_abs(self) -> torch.Tensor:
+        return (self.abs_sum / max(self.count, 1)).float()
+
+    def mean_sq(self) -> torch.Tensor:
+        return (self.sq_sum / max(self.count, 1)).float()

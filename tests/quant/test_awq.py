@@ -1,0 +1,49 @@
+import copy
+
+import pytest
+import torch
+
+from compactor.calibration.sequential import run_sequential
+from compactor.data.windows import make_windows
+from compactor.quant.awq import AWQConfig, apply_awq, awq_scales, fold_scales
+from compactor.quant.spec import WeightQuantConfig, resolve_grid
+
+
+def test_awq_search_beats_rtn_on_outlier_channels():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(512, 128, generator=g) * torch.logspace(-1, 1, 128)  # uneven channels
+    W = torch.randn(64, 128, generator=g) * 0.05
+    fit = resolve_grid(WeightQuantConfig(grid="int", bits=4, group_size=-1), 128).fit
+    s, alpha, err_rtn, err_awq = awq_scales(X, [W], X.abs().mean(0), fit)
+    assert alpha > 0 and err_awq < 0.9 * err_rtn
+    # The error at alpha = 0 is plain RTN's.
+    rtn = fit(W, None).fake_quantize(W)
+    assert err_rtn == pytest.approx(float(((X @ rtn.T) - X @ W.T).pow(2).mean()), rel=1e-5)
+
+
+def test_folding_keeps_the_float_model_equivalent():
+    from compactor.models.tiny import tiny_model
+
+    g = torch.Generator().manual_seed(1)
+    w = make_windows(torch.randint(0, 256, (8 * 32,), generator=g).tolist(), length=32)
+    for family in ("llama", "gemma"):  # gemma's norm multiplies by (1 + w)
+        ref = tiny_model(family, num_key_value_heads=4)  # MHA: v -> o can be folded too
+        m = copy.deepcopy(ref)
+        rep = run_sequential(m, w, apply_awq, AWQConfig(grid="q4_0", then="none"), progress=False)
+        assert all("skipped" not in p for p in rep.pairs) and len(rep.pairs) == 8
+        with torch.no_grad():
+            assert torch.allclose(m(w.input_ids).logits, ref(w.input_ids).logits, atol=1e-4), family
+        assert not torch.allclose(m.model.layers[0].mlp.down_proj.weight, ref.model.layers[0].mlp.down_proj.weight)
+
+
+def test_gqa_value_pair_skipped_with_reason_and_rtn_follows():
+    from compactor.models.tiny import tiny_model
+    from compactor.quant.qlinear import QuantizedLinear
+
+    g = torch.Generator().manual_seed(2)
+    w = make_windows(torch.randint(0, 256, (4 * 32,), generator=g).tolist(), length=32)
+    m = tiny_model()  # 4 heads, 2 KV heads
+    rep = run_sequential(m, w, apply_awq, AWQConfig(grid="q4_0"), progress=False)
+    skipped = [p for p in rep.pairs if "skipped" in p]
+    assert len(skipped) == 2 and "grouped-query attention" in skipped[0]["skipped"]
+    assert isinstance(m.model.layers[1].mlp.down_proj, QuantizedLinear) and len(rep.modules) == 14
