@@ -124,7 +124,8 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
             # stop the forward pass there.
             first = next(n for n in adapter.linears if n in group)
             width = layer.get_submodule(first).in_features
-            stat = (InputSample(width, cfg.sample_tokens) if smoothing else HessianAccumulator(width))
+            stat = (InputSample(width, getattr(cfg, "sample_tokens", 1024))
+                    if getattr(cfg, "statistic", "hessian") == "inputs" else HessianAccumulator(width))
             with torch.no_grad(), input_hooks({first: runner.get_submodule(first)},
                                               lambda n, x: stat.add(x), stop_after=first):
                 for hidden, kwargs in inputs:

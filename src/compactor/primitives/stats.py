@@ -1,4 +1,4 @@
-"""Running statistics of layer inputs: per-column mean |x| and mean x^2, plus a bounded
+"""Running statistics of layer inputs: per-column mean |x|, mean x^2 and max |x|, plus a bounded
 random sample of input rows (for methods that search by reconstructing outputs)."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ class InputSample:
     def __init__(self, in_features: int, max_rows: int = 1024, seed: int = 0):
         self.abs_sum = torch.zeros(in_features, dtype=torch.float64)
         self.sq_sum = torch.zeros(in_features, dtype=torch.float64)
+        self.abs_max = torch.zeros(in_features, dtype=torch.float32)
         self.count = 0
         self.max_rows = max_rows
         self.rows: torch.Tensor | None = None
@@ -22,6 +23,7 @@ class InputSample:
         x = x.reshape(-1, x.shape[-1]).float()
         self.abs_sum += x.abs().sum(0).double()
         self.sq_sum += x.pow(2).sum(0).double()
+        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
         seen = self.count
         self.count += x.shape[0]
         # Reservoir sampling: every row seen so far is kept with equal probability.

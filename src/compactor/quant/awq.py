@@ -28,6 +28,7 @@ class AWQConfig(WeightQuantConfig):
     name = "awq"
     needs_calibration = True
     smoothing = True  # the runner visits producer -> consumers pairs
+    statistic = "inputs"  # mean |x| and sampled input rows
     n_grid: int = 20
     sample_tokens: int = 1024
     then: Literal["rtn", "none"] = "rtn"
