@@ -69,16 +69,21 @@ def cmd_quantize(args) -> int:
     from compactor.evaluate import table
     from compactor.recipe import Recipe, run_recipe
 
-    step = {"grid": args.grid, "bits": args.bits, "group_size": args.group_size,
+    grid = {"grid": args.grid, "bits": args.bits, "group_size": args.group_size,
             "symmetric": not args.asym}
-    if args.method == "gptq":
-        step.update(act_order=args.act_order, dampening=args.dampening)
+    gptq = {**grid, "act_order": args.act_order, "dampening": args.dampening}
+    steps = {
+        "rtn": [{"rtn": grid}],
+        "gptq": [{"gptq": gptq}],
+        "awq": [{"awq": grid}],
+        "awq+gptq": [{"awq": {**grid, "then": "none"}}, {"gptq": gptq}],
+    }[args.method]
     data = {
         "model": args.model,
         "eval": {"data": args.data, "tokens": args.tokens, "window": args.window,
                  "after_each_stage": not args.no_eval, "speed": not args.no_speed},
         "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
-        "stages": [{"name": args.method, "steps": [{args.method: step}]}],
+        "stages": [{"name": args.method, "steps": steps}],
     }
     recipe = Recipe.from_dict(data, where="compactor quantize")
     ctx = run_recipe(recipe, out=args.out, overwrite=args.force)
@@ -109,9 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed test")
     e.set_defaults(fn=cmd_eval)
 
-    q = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ) on an int, NF4 or GGUF grid")
+    q = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ, AWQ) on an int, NF4 or GGUF grid")
     q.add_argument("model")
-    q.add_argument("--method", choices=["rtn", "gptq"], default="gptq")
+    q.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"], default="gptq")
     q.add_argument("--grid", default="int", help="int, nf4, or a GGUF type: q8_0 q5_0 q5_1 q4_0 q4_1 "
                    "iq4_nl q6_k q5_k q4_k q3_k q2_k (default int)")
     q.add_argument("--bits", type=int, default=4, help="int grid bits, 2..8 (default 4)")

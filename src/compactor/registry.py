@@ -21,7 +21,11 @@ from compactor.errors import ConfigError
 class Entry:
     config_cls: type[StepConfig]
     handler: Callable[..., Any]
-    kind: str  # "module": handler(module, cfg, name=, stats=) -> replacement; "eval": handler(ctx, cfg)
+    # "module": handler(module, cfg, name=, stats=) -> replacement module (walkers apply it);
+    # "pair": handler(layer, cfg, name=, producer=, consumers=, stats=) folds scales (AWQ);
+    # "plan": handler(modules, hessians, cfg) -> (grid per module, report) (mixed precision);
+    # "eval": handler(ctx, cfg), run by the recipe runner.
+    kind: str
 
 
 _BY_NAME: dict[str, Entry] = {}

@@ -50,3 +50,23 @@ def test_existing_output_needs_force(tmp_path, tiny_dir, text_file):
         run_recipe(rec, out=tmp_path / "out", progress=False)
     run_recipe(rec, out=tmp_path / "out", overwrite=True, progress=False)
     assert (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_chained_quantization_recipe(tmp_path, tiny_dir, text_file):
+    """AWQ (scales only) -> GPTQ, and mixed precision, through the recipe runner."""
+    steps = [{"awq": {"grid": "q4_0", "then": "none"}}, {"gptq": {"grid": "q4_0"}}]
+    rec = _recipe(tmp_path, tiny_dir, text_file, steps)
+    rec.calibration = type(rec.calibration)(data=str(text_file), samples=4, window=64)
+    ctx = run_recipe(rec, out=tmp_path / "o1", progress=False)
+    assert [r["step"] for r in ctx.reports] == ["awq", "gptq"] and ctx.reports[1]["modules"] == 14
+    assert ctx.results[-1].kld_mean > 0  # evaluated against the original after the stage
+    back = load_model(tmp_path / "o1")
+    assert back.info["quantized_modules"] == 14
+
+    mp = [{"mixed_precision": {"candidates": ["q4_0", "q8_0"], "target_bpw": 6.0}}]
+    rec = _recipe(tmp_path, tiny_dir, text_file, mp)
+    rec.calibration = type(rec.calibration)(data=str(text_file), samples=4, window=64)
+    ctx = run_recipe(rec, progress=False)
+    rep = ctx.reports[0]
+    assert rep["achieved_bpw"] <= 6.0 and set(rep["plan"].values()) <= {"q4_0", "q8_0"}
+    assert len(set(rep["plan"].values())) == 2  # a real mix at this budget

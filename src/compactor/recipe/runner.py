@@ -106,11 +106,11 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
         for step in stage.steps:
             entry = lookup_config(step.config)
             t0 = time.perf_counter()
-            if entry.kind in ("module", "pair"):
+            if entry.kind in ("module", "pair", "plan"):
                 apply_module_step(ctx, step.config, progress)
             else:
                 entry.handler(ctx, step.config)
-            stage_modified |= entry.kind in ("module", "pair")
+            stage_modified |= entry.kind in ("module", "pair", "plan")
             ctx.modified |= stage_modified
             ctx.log.append({"stage": stage.name, "step": step.name,
                             "seconds": round(time.perf_counter() - t0, 3)})
@@ -151,7 +151,10 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
     from compactor.targeting import match_modules
 
     model = ctx.loaded.model
-    if getattr(cfg, "needs_calibration", False):
+    entry = lookup_config(cfg)
+    if entry.kind == "plan":
+        _apply_planned(ctx, cfg, entry, progress)
+    elif getattr(cfg, "needs_calibration", False):
         chosen = set(match_modules(model, cfg.targets, cfg.ignore))
         rep = run_sequential(model, ctx.calib_windows(), lookup_config(cfg).handler, cfg,
                              adapter=ctx.loaded.adapter,
@@ -173,3 +176,33 @@ def _count(notes: list[str]) -> list[str]:
     from collections import Counter
 
     return [f"{k} module{'s' if k > 1 else ''}: {note}" for note, k in sorted(Counter(notes).items())]
+
+
+def _apply_planned(ctx: RunContext, cfg, entry, progress: bool) -> None:
+    """Steps that decide globally (mixed precision): observe every module's input Hessian in
+    one sequential pass (modules unchanged), plan, then quantize each module with RTN on
+    its planned grid."""
+    from compactor.calibration.sequential import run_sequential
+    from compactor.quant.rtn import RTNConfig, apply_rtn
+    from compactor.targeting import match_modules
+
+    model = ctx.loaded.model
+    chosen = set(match_modules(model, cfg.targets, cfg.ignore))
+    hessians, modules = {}, {}
+
+    def record(module, _cfg, name, stats):
+        hessians[name], modules[name] = stats.hessian(), module
+        return module
+
+    rep = run_sequential(model, ctx.calib_windows(), record, cfg, adapter=ctx.loaded.adapter,
+                         skip=lambda name: name not in chosen, progress=progress)
+    plan, summary = entry.handler(modules, hessians, cfg)
+    notes = []
+    for name, grid in plan.items():
+        new = apply_rtn(model.get_submodule(name), RTNConfig(grid=grid), name=name)
+        model.set_submodule(name, new)
+        if getattr(new, "note", None):
+            notes.append(new.note)
+    ctx.reports.append({"step": type(cfg).name, "modules": len(plan), "seconds": round(rep.seconds, 1),
+                        "calibration_tokens": rep.tokens, "notes": _count(notes), **summary,
+                        "plan": plan})
