@@ -31,7 +31,8 @@ import torch
 
 from compactor.errors import CompactorError
 from compactor.primitives.qparams import QParams, blocks_view
-from compactor.primitives.scale_search import search_codebook, search_scale_min, search_symmetric
+from compactor.primitives.scale_search import (search_codebook, search_scale_min, search_symmetric,
+                                                signed_extreme)
 
 QK_K = 256
 
@@ -148,7 +149,7 @@ def ggml_qparams(w: torch.Tensor, name: str, importance: torch.Tensor | None = N
         if search:
             d = search_codebook(xf, wt, lv)
         else:  # the extreme value maps to the first (most negative) level
-            d = xf.gather(-1, xf.abs().argmax(-1, keepdim=True)).squeeze(-1) / lv[0]
+            d = signed_extreme(xf) / lv[0]
         d16 = _fp16(d).reshape(out, nb)
         return QParams(d16, None, t.sub, 0, 15, codebook=lv, extra={"d": d16.half()})
     if t.name in ("q4_k", "q5_k", "q2_k"):
@@ -161,8 +162,7 @@ def _legacy_symmetric(t, xf, wt, out, nb, search):
         d = xf.abs().amax(-1) / 127  # llama.cpp: absmax / 127
     else:
         # llama.cpp: the signed value of largest magnitude maps to the most negative code.
-        mx = xf.gather(-1, xf.abs().argmax(-1, keepdim=True)).squeeze(-1)
-        d = mx / t.qmin
+        d = signed_extreme(xf) / t.qmin
     if search:
         d = search_symmetric(xf, wt, t.qmin, t.qmax)
     d16 = _fp16(d).reshape(out, nb)
@@ -207,7 +207,7 @@ def _kquant_symmetric(t, xf, wt, out, nb):
     per_super = QK_K // t.sub
     s = s.reshape(out, -1, per_super)
     # The sub-block scale of largest magnitude maps to the most negative integer scale.
-    big = s.gather(-1, s.abs().argmax(-1, keepdim=True)).squeeze(-1)  # [out, nsuper]
+    big = signed_extreme(s.reshape(-1, per_super)).reshape(out, -1)  # [out, nsuper]
     lo, hi = (-128, 127) if t.name == "q6_k" else (-32, 31)
     d = _fp16(big / lo)
     d = torch.where(big == 0, torch.zeros_like(d), d)

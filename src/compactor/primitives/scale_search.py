@@ -18,6 +18,11 @@ def _ls_scale(x, w, q):
     return torch.where(den > 0, num / den.clamp_min(1e-30), torch.zeros_like(num))
 
 
+def signed_extreme(x: torch.Tensor) -> torch.Tensor:
+    """The signed value of largest magnitude of each block: ``[N, B] -> [N]``."""
+    return x.gather(-1, x.abs().argmax(-1, keepdim=True)).squeeze(-1)
+
+
 def search_symmetric(x: torch.Tensor, w: torch.Tensor, nmin: int, nmax: int,
                      steps: int = 9, delta: float = 0.1) -> torch.Tensor:
     """Best scale s for codes in [nmin, nmax] (value s*q), trying scales that map the signed
@@ -26,8 +31,7 @@ def search_symmetric(x: torch.Tensor, w: torch.Tensor, nmin: int, nmax: int,
     ``x, w: [N, B] -> s: [N]`` (s is negative when the extreme value is positive: the extreme
     goes to the larger negative end of the code range, as in ggml).
     """
-    idx = x.abs().argmax(-1, keepdim=True)
-    mx = x.gather(-1, idx).squeeze(-1)  # signed extreme, [N]
+    mx = signed_extreme(x)  # [N]
     safe = torch.where(mx == 0, torch.ones_like(mx), mx)
     best_s = torch.zeros_like(mx)
     best_err = torch.full_like(mx, float("inf"))
@@ -89,8 +93,7 @@ def search_codebook(x: torch.Tensor, w: torch.Tensor, levels: torch.Tensor,
     """Best scale d for value ``d * levels[q]`` (nearest level), as ggml's IQ4_NL search:
     candidate scales map the block's extreme near each end of the codebook, then d is refit
     by weighted least squares. ``x, w: [N, B] -> d [N]``."""
-    idx = x.abs().argmax(-1, keepdim=True)
-    mx = x.gather(-1, idx).squeeze(-1)
+    mx = signed_extreme(x)
     safe = torch.where(mx == 0, torch.ones_like(mx), mx)
     lv = levels.float()
     best_d = torch.zeros_like(mx)
