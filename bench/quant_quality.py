@@ -105,7 +105,7 @@ def _write(args, dtype, ref_ppl, rows, records, win, calib):
         f"eval split (Persuasion), {len(win)} windows x 512 tokens, no BOS; reference PPL "
         f"{ref_ppl:.3f}. Calibration: Austen calib split (Sense and Sensibility), "
         f"{len(calib)} x 512 tokens, forward passes in {str(dtype).replace('torch.', '')}. "
-        "GPTQ: static groups, damping 0.01, true-sequential. AWQ: 20-point alpha grid, 1024 "
+        "GPTQ: activation order with static groups, importance-weighted scale search on GGUF grids, damping 0.01, true-sequential. RTN: plain min/max fit (llama.cpp's rounding on the legacy GGUF grids). AWQ: 20-point alpha grid, 1024 "
         "sampled tokens per pair; the v->o pair is skipped (grouped-query attention).\n\n"
         "Caveat: the float reference is the dequantized Q4_1 GGUF, so every decoder weight "
         "already lies on an asymmetric 4-bit group-32 grid: the q4_1 rows reproduce the "

@@ -123,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--group-size", type=int, default=128,
                    help="int/nf4 group size; -1 per channel, 0 per tensor (default 128)")
     q.add_argument("--asym", action="store_true", help="asymmetric int grid (zero point)")
-    q.add_argument("--act-order", action="store_true", help="GPTQ activation order (static groups)")
+    q.add_argument("--no-act-order", dest="act_order", action="store_false",
+                   help="GPTQ without activation order (default: act-order with static groups)")
     q.add_argument("--dampening", type=float, default=0.01, help="GPTQ damping fraction (default 0.01)")
     q.add_argument("--calib-data", default="austen:calib", help="calibration text (default austen:calib)")
     q.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")

@@ -15,7 +15,7 @@ error-compensated weights (the original GPTQ group behaviour).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -36,8 +36,8 @@ class GPTQConfig(WeightQuantConfig):
     needs_calibration = True
     block_size: int = 128
     dampening: float = 0.01
-    act_order: bool = False
-    static_groups: bool = True
+    act_order: bool = True
+    static_groups: bool | None = None  # None: static with act_order, lazy (refit per group) otherwise
     true_sequential: bool = True
     calibration_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
@@ -45,7 +45,7 @@ class GPTQConfig(WeightQuantConfig):
         super().validate()
         check(0 <= self.dampening < 1, f"gptq.dampening must be in [0, 1), got {self.dampening}")
         check(self.block_size >= 1, f"gptq.block_size must be >= 1, got {self.block_size}")
-        check(self.static_groups or not self.act_order,
+        check(self.static_groups is not False or not self.act_order,
               "gptq.act_order needs static_groups: true (groups must stay contiguous)")
 
 
@@ -100,9 +100,12 @@ def apply_gptq(module: torch.nn.Linear, cfg: GPTQConfig, name: str = "", stats=N
     if stats is None:
         raise ValueError(f"{name}: GPTQ needs calibration statistics (run it through the sequential runner)")
     check_weight(module.weight, name)
-    grid = resolve_grid(cfg, module.in_features, name)
+    # GGUF grids: fit scales by the importance-weighted search (weighted by the layer's mean
+    # x^2, like llama.cpp's imatrix) unless told otherwise; RTN keeps llama.cpp's plain fit.
+    grid = resolve_grid(replace(cfg, search=True) if cfg.search is None else cfg, module.in_features, name)
+    static = cfg.act_order if cfg.static_groups is None else cfg.static_groups
     codes, qp = gptq(module.weight.detach(), stats.hessian(), grid.fit, grid.unit, cfg.block_size,
-                     cfg.dampening, cfg.act_order, cfg.static_groups, importance=stats.mean_sq())
+                     cfg.dampening, cfg.act_order, static, importance=stats.mean_sq())
     q = QuantizedLinear(codes, qp, grid.label, grid.bits_per_weight, module.bias, module.weight.dtype)
     q.note = grid.note
     return q
