@@ -71,12 +71,16 @@ def main() -> None:
     ap.add_argument("--grids", nargs="*", default=list(GRIDS))
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    ap.add_argument("--append", action="store_true", help="keep the rows of the previous run")
     args = ap.parse_args()
     dtype = calibration_dtype(args.dtype)
     ref = load_model("smollm2-135m")
     win = windows_for(ref.tokenizer, "austen:eval", 512, max_tokens=args.eval_tokens)
     calib = windows_for(ref.tokenizer, "austen:calib", 512, max_tokens=args.calib_samples * 512)
     rows, records = [], []
+    if args.append and (RESULTS / "quant_quality.json").exists():
+        records = json.loads((RESULTS / "quant_quality.json").read_text())
+        rows = [_row(r) for r in records]
     for g in args.grids:
         for method in args.methods:
             model = copy.deepcopy(ref.model)
@@ -91,12 +95,17 @@ def main() -> None:
                        ppl=r.ppl, ref_ppl=r.ref_ppl, kld_mean=r.kld_mean, kld_p99=r.kld_p99,
                        top1=r.top1, seconds=wall, peak_rss_gb=rss / 1e9)
             records.append(rec)
-            rows.append(f"| {g} | {method} | {bpw:.2f} | {', '.join(f'{k} {v:.0%}' for k, v in mix.items())} | "
-                        f"{r.ppl:.3f} | {r.kld_mean:.4f} | {r.kld_p99:.3f} | {100 * r.top1:.1f}% | "
-                        f"{wall:.0f} | {rss / 1e9:.2f} |")
+            rows.append(_row(rec))
             print(rows[-1], flush=True)
             del model
             _write(args, dtype, ref_ppl=r.ref_ppl, rows=rows, records=records, win=win, calib=calib)
+
+
+def _row(r: dict) -> str:
+    mix = ", ".join(f"{k} {v:.0%}" for k, v in r["mix"].items())
+    return (f"| {r['grid']} | {r['method']} | {r['linear_bpw']:.2f} | {mix} | {r['ppl']:.3f} | "
+            f"{r['kld_mean']:.4f} | {r['kld_p99']:.3f} | {100 * r['top1']:.1f}% | {r['seconds']:.0f} | "
+            f"{r['peak_rss_gb']:.2f} |")
 
 
 def _write(args, dtype, ref_ppl, rows, records, win, calib):
