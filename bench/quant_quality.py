@@ -30,7 +30,7 @@ from compactor.quant.rtn import RTNConfig
 
 GRIDS = {
     "q4_0": dict(grid="q4_0"),
-    "int3_g128": dict(grid="int", bits=3, group_size=128),
+    "int3_g64": dict(grid="int", bits=3, group_size=64),  # g128 does not divide 576
     "iq4_nl": dict(grid="iq4_nl"),
     "q5_0": dict(grid="q5_0"),
     "q4_k": dict(grid="q4_k"),  # down_proj only; q5_0 fallback elsewhere
