@@ -75,3 +75,21 @@ def test_quantize_bad_group_size_writes_nothing(tmp_path, tiny_dir, text_file, c
                "--data", str(text_file), "--tokens", "128", "--window", "64", "--no-speed", "--out", str(out)])
     assert rc == 2 and "group size 48 does not divide the input width 64" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_gguf_of_unknown_architecture_exit_2(tmp_path, capsys):
+    import numpy as np
+    import gguf
+
+    p = tmp_path / "odd.gguf"
+    w = gguf.GGUFWriter(str(p), "mamba")
+    w.add_tensor("token_embd.weight", np.zeros((16, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    out = tmp_path / "m.json"
+    assert main(["eval", str(p), "--reference", str(p), "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "GGUF architecture 'mamba'" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
