@@ -51,17 +51,26 @@ class StreamingStats:
     kl_values: list = field(default_factory=list)
 
     def update(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
-               ref_logits: torch.Tensor | None = None) -> None:
+               ref_logits: torch.Tensor | None = None, chunk: int = 128) -> None:
         """Add one window: ``logits [T, V]`` predicting ``targets [T]``; ``mask [T]`` selects
-        the scored positions; ``ref_logits [T, V]`` for the reference, if any."""
+        the scored positions; ``ref_logits [T, V]`` for the reference, if any.
+
+        Each chunk of positions takes one log-softmax per model, shared by NLL, KL and top-1.
+        """
         logits, targets = logits[mask], targets[mask]
-        self.nll_sum += float(nll_per_token(logits, targets).double().sum())
-        self.count += int(mask.sum())
         if ref_logits is not None:
             ref_logits = ref_logits[mask]
-            self.ref_nll_sum += float(nll_per_token(ref_logits, targets).double().sum())
-            self.kl_values.append(kl_per_token(ref_logits, logits))
-            self.top1_match += int((ref_logits.argmax(-1) == logits.argmax(-1)).sum())
+        self.count += int(mask.sum())
+        for s in range(0, logits.shape[0], chunk):
+            tgt = targets[s : s + chunk, None]
+            lq = torch.log_softmax(logits[s : s + chunk].float(), dim=-1)
+            self.nll_sum -= float(lq.gather(-1, tgt).double().sum())
+            if ref_logits is None:
+                continue
+            lp = torch.log_softmax(ref_logits[s : s + chunk].float(), dim=-1)
+            self.ref_nll_sum -= float(lp.gather(-1, tgt).double().sum())
+            self.kl_values.append((lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0))
+            self.top1_match += int((lp.argmax(-1) == lq.argmax(-1)).sum())
 
     def summary(self) -> dict:
         """ppl; with a reference also ref_ppl, kld_mean, kld_p99, top1."""
