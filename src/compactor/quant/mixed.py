@@ -12,6 +12,7 @@ error-vs-bits curves, and never over budget).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -30,6 +31,7 @@ class MixedPrecisionConfig(StepConfig):
     needs_calibration = True
     candidates: tuple[str, ...] = ("q3_k", "q4_0", "q4_k", "q5_0", "q5_k", "q6_k", "q8_0")
     target_bpw: float = 4.5
+    calibration_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     targets: tuple[str, ...] = ("Linear",)
     ignore: tuple[str, ...] = ("lm_head",)
 

@@ -182,7 +182,7 @@ def _apply_planned(ctx: RunContext, cfg, entry, progress: bool) -> None:
     """Steps that decide globally (mixed precision): observe every module's input Hessian in
     one sequential pass (modules unchanged), plan, then quantize each module with RTN on
     its planned grid."""
-    from compactor.calibration.sequential import run_sequential
+    from compactor.calibration.sequential import calibration_dtype, run_sequential
     from compactor.quant.rtn import RTNConfig, apply_rtn
     from compactor.targeting import match_modules
 
@@ -195,6 +195,7 @@ def _apply_planned(ctx: RunContext, cfg, entry, progress: bool) -> None:
         return module
 
     rep = run_sequential(model, ctx.calib_windows(), record, cfg, adapter=ctx.loaded.adapter,
+                         dtype=calibration_dtype(cfg.calibration_dtype),
                          skip=lambda name: name not in chosen, progress=progress)
     plan, summary = entry.handler(modules, hessians, cfg)
     notes = []
