@@ -83,3 +83,19 @@ def test_empty_calibration_refused():
     empty = TokenWindows(torch.zeros(0, 8, dtype=torch.long), torch.zeros(0, 8, dtype=torch.bool))
     with pytest.raises(CompactorError, match="calibration data is empty"):
         run_sequential(tiny_model(), empty, apply_gptq, GPTQConfig(), progress=False)
+
+
+def test_one_pass_mode_observes_each_input_separately(windows):
+    """true_sequential=False: one forward per layer, but each group keeps its own input."""
+    from compactor.api import quantize_
+    from compactor.evaluate import evaluate
+    from compactor.quant.rtn import RTNConfig
+
+    ref = tiny_model(hidden_size=128, intermediate_size=256, head_dim=32)
+    one, r = copy.deepcopy(ref), copy.deepcopy(ref)
+    rep = run_sequential(one, windows, apply_gptq, GPTQConfig(grid="q4_0"), true_sequential=False,
+                         progress=False)
+    assert len(rep.modules) == 14
+    quantize_(r, RTNConfig(grid="q4_0"))
+    kl = lambda m: evaluate(m, windows, reference=ref, speed=False, progress=False).kld_mean
+    assert kl(one) < kl(r)

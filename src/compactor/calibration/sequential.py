@@ -106,28 +106,36 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     t0 = time.perf_counter()
     inputs = [(_cast(h, dtype), {k: _cast(v, dtype) for k, v in kw.items()})
               for h, kw in _capture_layer0(model, layers, windows, batch)]
-    groups = adapter.sequential_groups if true_sequential else (adapter.linears,)
     smoothing = getattr(cfg, "smoothing", False)
     # Smoothing methods (AWQ, SmoothQuant) visit producer -> consumers pairs; the others
     # visit groups of linears that share an input.
-    units = ([(p, c) for p, c in adapter.smooth_pairs] if smoothing else [(None, g) for g in groups])
+    units = ([(p, c) for p, c in adapter.smooth_pairs] if smoothing
+             else [(None, g) for g in adapter.sequential_groups] if true_sequential
+             else [(None, adapter.sequential_groups)])
     for li in tqdm(range(len(layers)), desc=f"calibrate {type(cfg).name}", disable=not progress, unit="layer"):
         layer = layers[li]
         # The forward passes run on `runner` (a reduced-precision shadow, or the layer itself).
         runner = layer if dtype == torch.float32 else copy.deepcopy(layer).to(dtype)
         prefix = f"{adapter.layers}.{li}"
-        for producer, group in units:
-            names = [n for n in group if not skip(f"{prefix}.{n}")]
-            if not names:
+        for producer, unit in units:
+            # A unit is observed in one forward pass: a smoothing pair's consumers, one
+            # sequential group, or (true_sequential=False) every group of the layer at once.
+            # Members of a group share one input, observed on the first member.
+            unit_groups = [unit] if producer is not None or true_sequential else list(unit)
+            todo = [(next(n for n in adapter.linears if n in g),
+                     [n for n in g if not skip(f"{prefix}.{n}")]) for g in unit_groups]
+            todo = [(first, names) for first, names in todo if names]
+            if not todo:
                 continue
-            # Members of a group share one input: observe it once, on the first member, and
-            # stop the forward pass there.
-            first = next(n for n in adapter.linears if n in group)
-            width = layer.get_submodule(first).in_features
-            stat = (InputSample(width, getattr(cfg, "sample_tokens", 1024))
-                    if getattr(cfg, "statistic", "hessian") == "inputs" else HessianAccumulator(width))
-            with torch.no_grad(), input_hooks({first: runner.get_submodule(first)},
-                                              lambda n, x: stat.add(x), stop_after=first):
+            stats = {}
+            for first, _ in todo:
+                width = layer.get_submodule(first).in_features
+                stats[first] = (InputSample(width, getattr(cfg, "sample_tokens", 1024))
+                                if getattr(cfg, "statistic", "hessian") == "inputs"
+                                else HessianAccumulator(width))
+            last = max((f for f, _ in todo), key=adapter.linears.index)
+            with torch.no_grad(), input_hooks({f: runner.get_submodule(f) for f, _ in todo},
+                                              lambda n, x: stats[n].add(x), stop_after=last):
                 for hidden, kwargs in inputs:
                     try:
                         runner(hidden, **kwargs)
@@ -136,20 +144,21 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
             if producer is not None:
                 # Scales fold into the producer and all consumers of this input.
                 report.pairs.append(handler(layer, cfg, name=prefix, producer=producer,
-                                            consumers=list(group), stats=stat,
+                                            consumers=list(unit), stats=stats[todo[0][0]],
                                             norm_offset=adapter.norm_offset))
                 if runner is not layer:
                     runner = copy.deepcopy(layer).to(dtype)
                 continue
-            for n in names:
-                new = handler(layer.get_submodule(n), cfg, name=f"{prefix}.{n}", stats=stat)
-                layer.set_submodule(n, new)
-                if runner is not layer:
-                    runner.set_submodule(n, copy.deepcopy(new).to(dtype))
-                report.modules.append(f"{prefix}.{n}")
-                if getattr(new, "note", None):
-                    report.notes.append(new.note)
-            del stat
+            for first, names in todo:
+                for n in names:
+                    new = handler(layer.get_submodule(n), cfg, name=f"{prefix}.{n}", stats=stats[first])
+                    layer.set_submodule(n, new)
+                    if runner is not layer:
+                        runner.set_submodule(n, copy.deepcopy(new).to(dtype))
+                    report.modules.append(f"{prefix}.{n}")
+                    if getattr(new, "note", None):
+                        report.notes.append(new.note)
+            del stats
         follow = cfg.followup() if hasattr(cfg, "followup") else None
         if follow is not None:  # e.g. AWQ then RTN: quantize the smoothed layer
             from compactor.registry import lookup_config
