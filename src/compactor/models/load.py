@@ -62,11 +62,14 @@ def read_gguf_header(path: Path) -> dict[str, Any]:
     }
 
 
-def _gguf_to_checkpoint(path: Path) -> Path:
-    """Convert a GGUF file to a cached float transformers directory (once per sha256)."""
+def _gguf_to_checkpoint(path: Path, digest: str | None = None) -> Path:
+    """Convert a GGUF file to a cached float transformers directory (once per sha256).
+
+    ``digest``: the file's sha256 when already known (the bundled model was verified on
+    download), so a load does not re-hash ~100 MB."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    digest = sha256_file(path)
+    digest = digest or sha256_file(path)
     dest = home() / "converted" / digest[:20]
     if (dest / "config.json").exists():
         return dest
@@ -96,7 +99,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, Path | None, Adapte
     src = str(source)
     if src in BUNDLED:
         gguf_path = bundled_gguf(src)
-        return _gguf_to_checkpoint(gguf_path), gguf_path, None
+        return _gguf_to_checkpoint(gguf_path, BUNDLED[src].sha256), gguf_path, None
     path = Path(src).expanduser()
     if not path.exists():
         raise CompactorError(

@@ -147,7 +147,6 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
     (on the recipe's calibration windows), data-free ones to :func:`compactor.api.quantize_`."""
     from compactor.api import quantize_
     from compactor.calibration.sequential import calibration_dtype, run_sequential
-    from compactor.registry import lookup_config
     from compactor.targeting import match_modules
 
     model = ctx.loaded.model
@@ -156,7 +155,7 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
         _apply_planned(ctx, cfg, entry, progress)
     elif getattr(cfg, "needs_calibration", False):
         chosen = set(match_modules(model, cfg.targets, cfg.ignore))
-        rep = run_sequential(model, ctx.calib_windows(), lookup_config(cfg).handler, cfg,
+        rep = run_sequential(model, ctx.calib_windows(), entry.handler, cfg,
                              adapter=ctx.loaded.adapter,
                              true_sequential=getattr(cfg, "true_sequential", True),
                              dtype=calibration_dtype(getattr(cfg, "calibration_dtype", "float32")),
