@@ -93,3 +93,16 @@ def test_gguf_of_unknown_architecture_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "GGUF architecture 'mamba'" in err and len(err.strip().splitlines()) == 1
     assert not out.exists()
+
+
+def test_export_cli_gguf_verified(tmp_path, tiny_dir, text_file, capsys):
+    pytest.importorskip("llama_cpp")
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--method", "rtn", "--grid", "q4_0", "--no-eval",
+                 "--out", str(q)]) == 0
+    out = tmp_path / "m.gguf"
+    assert main(["export", str(q), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "q4_0 " in printed and "verification passed: 14 code tensors" in printed and out.exists()
+    assert main(["export", str(q), "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err

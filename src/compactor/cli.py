@@ -96,6 +96,32 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from compactor.export.api import export_model
+    from compactor.export.gguf import GGUFTypes
+    from compactor.models.load import load_model
+
+    loaded = load_model(args.model)
+    opts = {}
+    if args.format == "gguf":
+        opts["types"] = GGUFTypes(args.type, args.embed_type, args.head_type)
+    res = export_model(loaded, args.format, args.out, overwrite=args.force,
+                       verify=not args.no_verify, **opts)
+    s = res.summary
+    if "type_mix" in s:
+        mix = ", ".join(f"{k} {v * 100:.1f}%" for k, v in s["type_mix"].items())
+        print(f"types by share of parameters: {mix}")
+    for note in res.notes:
+        print(f"note: {note}")
+    if res.verification:
+        from compactor.export.verify import Verification
+
+        print(Verification(**res.verification).describe())
+    size = s.get("size_bytes")
+    print(f"wrote {res.path}" + (f" ({size / 1e6:.1f} MB, {s['bpw']:.2f} bits per weight)" if size else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compactor", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -135,6 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
     q.set_defaults(fn=cmd_quantize)
+
+    x = sub.add_parser("export", help="write a runtime artifact (GGUF ...) and verify it in its runtime")
+    x.add_argument("model", help="a compactor output directory, transformers directory, alias or GGUF")
+    x.add_argument("--format", choices=["gguf", "compressed-tensors", "onnx"], default="gguf")
+    x.add_argument("--type", default="f16", help="GGUF type for linears that are still float "
+                   "(quantized ones keep their codes): f32 f16 bf16 q8_0 ... q2_k (default f16)")
+    x.add_argument("--embed-type", default="q8_0", help="GGUF type of the token embedding (default q8_0)")
+    x.add_argument("--head-type", default=None, help="GGUF type of an untied output head (default: embed type)")
+    x.add_argument("--no-verify", action="store_true",
+                   help="skip the runtime check (reload in llama.cpp and compare logits)")
+    x.add_argument("--out", required=True, help="output file")
+    x.add_argument("--force", action="store_true", help="replace an existing output")
+    x.set_defaults(fn=cmd_export)
 
     r = sub.add_parser("run", help="run a recipe (YAML) and write its output directory")
     r.add_argument("recipe")

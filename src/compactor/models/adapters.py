@@ -35,6 +35,8 @@ class Adapter:
             consumers' input.
         norm_offset: RMSNorm multiplies by ``offset + weight`` (Gemma: 1.0).
         heads_key / kv_heads_key: config keys for the number of attention / key-value heads.
+        gguf_permute_qk: llama.cpp's converter interleaves the rows of q/k projections of
+            this family for its RoPE layout; the GGUF exporter applies the same permutation.
     """
 
     family: str
@@ -51,6 +53,7 @@ class Adapter:
     norm_offset: float = 0.0
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
+    gguf_permute_qk: bool = False
     sequential_groups: tuple[tuple[str, ...], ...] = field(default=())
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
 
@@ -78,8 +81,8 @@ class Adapter:
 
 
 ADAPTERS: tuple[Adapter, ...] = (
-    Adapter("llama", ("llama",), "llama"),
-    Adapter("mistral", ("mistral",), "llama"),
+    Adapter("llama", ("llama",), "llama", gguf_permute_qk=True),
+    Adapter("mistral", ("mistral",), "llama", gguf_permute_qk=True),
     Adapter("qwen2", ("qwen2",), "qwen2"),
     Adapter("gemma", ("gemma",), "gemma", norm_offset=1.0),
 )

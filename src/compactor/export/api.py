@@ -1,0 +1,103 @@
+"""One entry point for every export format: write to a temporary path, verify the artifact in
+its runtime, and rename it into place only if verification passed."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from compactor.errors import CompactorError
+from compactor.io import atomic_file
+from compactor.models.load import LoadedModel
+
+FORMATS = ("gguf", "compressed-tensors", "onnx")
+
+
+class VerificationFailed(CompactorError):
+    """The exported artifact does not reproduce the in-memory model; nothing was written."""
+
+
+@dataclass
+class ExportResult:
+    """What was written, and the verification that allowed it."""
+
+    format: str
+    path: Path
+    summary: dict[str, Any]
+    verification: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": self.format, "path": str(self.path), **self.summary,
+                "verification": self.verification}
+
+
+def source_provenance(loaded: LoadedModel) -> dict[str, Any]:
+    """What produced this model: source, recipe and calibration data (from a compactor
+    output directory's provenance.json / recipe.yaml when present)."""
+    info: dict[str, Any] = {"source_model": loaded.source}
+    d = loaded.path
+    if d is not None and (d / "provenance.json").exists():
+        prov = json.loads((d / "provenance.json").read_text())
+        info["source_model"] = prov.get("model_source", loaded.source)
+        cal = prov.get("calibration_data")
+        if cal:
+            info["calibration"] = {k: cal.get(k) for k in ("source", "tokens", "windows", "length")
+                                   if k in cal} or cal
+        info["steps"] = [s.get("step") for s in prov.get("steps", [])]
+    if d is not None and (d / "recipe.yaml").exists():
+        info["recipe"] = (d / "recipe.yaml").read_text()
+    return info
+
+
+def tokenizer_gguf_for(loaded: LoadedModel) -> Path | None:
+    """The GGUF whose tokenizer section should be copied: the file the model was loaded from,
+    or the one a compactor output directory records as its origin."""
+    if loaded.gguf is not None:
+        return Path(loaded.gguf)
+    d = loaded.path
+    if d is not None and (d / "provenance.json").exists():
+        g = json.loads((d / "provenance.json").read_text()).get("model_gguf")
+        if g and Path(g).is_file():
+            return Path(g)
+    return None
+
+
+def export_model(loaded: LoadedModel, fmt: str, out: str | Path, *, overwrite: bool = False,
+                 verify: bool = True, windows=None, provenance: dict | None = None,
+                 progress: bool = True, **options) -> ExportResult:
+    """Export ``loaded`` as ``fmt`` to ``out``; verify it (unless ``verify=False``) on
+    ``windows`` (default: the first 2,048 tokens of the Austen evaluation split)."""
+    if fmt not in FORMATS:
+        raise CompactorError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise CompactorError(f"output {out} already exists (pass --force to replace it)")
+    if verify and windows is None:
+        from compactor.data.windows import windows_for
+
+        windows = windows_for(loaded.tokenizer, "austen:eval", 512, max_tokens=2048)
+    prov = {**source_provenance(loaded), **(provenance or {})}
+    if fmt == "gguf":
+        return _export_gguf(loaded, out, verify, windows, prov, progress, **options)
+    raise CompactorError(f"export format {fmt!r} is not built yet")
+
+
+def _export_gguf(loaded, out, verify, windows, prov, progress, types=None) -> ExportResult:
+    from compactor.export.gguf import export_gguf
+    from compactor.export.verify import verify_gguf
+
+    with atomic_file(out) as tmp:
+        exp = export_gguf(loaded.model, tmp, types=types, tokenizer=loaded.tokenizer,
+                          tokenizer_gguf=tokenizer_gguf_for(loaded), provenance=prov,
+                          adapter=loaded.adapter, progress=progress)
+        ver = None
+        if verify:
+            v = verify_gguf(loaded.model, exp, windows, progress=progress)
+            if not v.passed:
+                raise VerificationFailed(f"{out}: {v.describe()}; the file was not written")
+            ver = v.to_dict()
+    exp.path = out
+    return ExportResult("gguf", out, exp.summary(), ver, exp.notes)

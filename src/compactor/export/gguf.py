@@ -1,0 +1,261 @@
+"""Write a model as a GGUF file that llama.cpp loads unchanged.
+
+Weights already quantized on a ggml grid (:class:`QuantizedLinear` with a ggml label, chosen
+by RTN / GPTQ / AWQ) are packed exactly as chosen — no re-rounding. Float matrices (the
+embedding, an untied head, any linear left unquantized) are rounded by the exporter to the
+type the :class:`GGUFTypes` policy gives them, and the report lists each one. Llama-family
+q/k rows are permuted the way llama.cpp's converter does, on the packed rows, so codes and
+their block scales move together. The file is written to a temporary path and renamed only
+when complete.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from compactor.errors import CompactorError
+from compactor.export.gguf_meta import (arch_metadata, provenance_metadata, tokenizer_from_gguf,
+                                        tokenizer_from_transformers)
+from compactor.io import atomic_file
+from compactor.models.adapters import Adapter, adapter_for
+from compactor.primitives.ggml import GGML_TYPES, ggml_qparams, resolve_type
+from compactor.primitives.packing import pack_ggml
+from compactor.quant.qlinear import QuantizedLinear
+
+FLOAT_TYPES = ("f32", "f16", "bf16")
+GGUF_TYPES = FLOAT_TYPES + tuple(GGML_TYPES)
+
+
+@dataclass(frozen=True)
+class GGUFTypes:
+    """Which type each float tensor gets (quantized linears keep their own grid).
+
+    ``body``: linears not quantized in memory; ``embed``: the token embedding (llama.cpp keeps
+    it Q8_0 on this model: its rows are 576 wide, and Q6_K falls back to Q8_0);
+    ``head``: an untied output head (None: same as ``embed``). Norms and biases stay F32.
+    """
+
+    body: str = "q8_0"
+    embed: str = "q8_0"
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("body", "embed", "head"):
+            v = getattr(self, key)
+            if v is not None and v not in GGUF_TYPES:
+                raise CompactorError(f"GGUF type for {key}: {v!r} is not one of {', '.join(GGUF_TYPES)}")
+
+
+@dataclass
+class TensorRecord:
+    """One written tensor: its GGUF name and type, and how its values were obtained."""
+
+    name: str
+    source: str  # the transformers parameter / module name
+    type: str
+    numel: int
+    nbytes: int
+    origin: str  # "codes" (written as chosen), "rounded" (by the exporter) or "float" (f32 as is)
+    note: str | None = None
+
+
+@dataclass
+class GGUFExport:
+    """What :func:`export_gguf` wrote."""
+
+    path: Path
+    tensors: list[TensorRecord]
+    size_bytes: int
+    params: int
+    seconds: float
+    adapter: Adapter
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bpw(self) -> float:
+        """File bits per weight (tokenizer and metadata included), the comparison we report."""
+        return self.size_bytes * 8 / self.params
+
+    def type_mix(self) -> dict[str, float]:
+        """Share of parameters per GGUF type, largest first."""
+        c: Counter[str] = Counter()
+        for t in self.tensors:
+            c[t.type] += t.numel
+        total = sum(c.values())
+        return {k: v / total for k, v in c.most_common()}
+
+    def summary(self) -> dict[str, Any]:
+        origins = Counter(t.origin for t in self.tensors)
+        return {"path": str(self.path), "size_bytes": self.size_bytes, "bpw": round(self.bpw, 4),
+                "params": self.params, "seconds": round(self.seconds, 1),
+                "type_mix": {k: round(v, 4) for k, v in self.type_mix().items()},
+                "tensors_by_origin": dict(origins), "notes": self.notes}
+
+
+def qk_row_permutation(out: int, n_head: int) -> torch.Tensor:
+    """Row order llama.cpp's converter gives q/k projections: within each head, the two
+    RoPE halves (rotate_half layout) become interleaved pairs (GPT-J layout).
+    Row ``r`` of the GGUF tensor is row ``perm[r]`` of the transformers weight."""
+    hd = out // n_head
+    return torch.arange(out).reshape(n_head, 2, hd // 2).transpose(1, 2).reshape(-1)
+
+
+def _pack_float(w: torch.Tensor, type_name: str) -> tuple[np.ndarray, int]:
+    """Float storage: (array, GGML type id)."""
+    from gguf import GGMLQuantizationType as Q
+
+    w = w.detach().float().contiguous()
+    if type_name == "f32":
+        return w.numpy(), Q.F32
+    if type_name == "f16":
+        return w.numpy().astype(np.float16), Q.F16
+    # bf16: top 16 bits of the fp32 pattern, round-to-nearest-even as torch does
+    return w.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(w.shape[0], -1), Q.BF16
+
+
+def _encode(w: torch.Tensor, type_name: str, where: str) -> tuple[np.ndarray, int, str, str | None]:
+    """Round a float matrix to ``type_name`` (RTN on our ggml grid, with explicit fallback)."""
+    if type_name in FLOAT_TYPES:
+        arr, tid = _pack_float(w, type_name)
+        return arr, tid, type_name, None
+    t, note = resolve_type(type_name, w.shape[1], where)
+    qp = ggml_qparams(w.detach().float(), t.name)
+    return pack_ggml(qp.quantize(w.detach().float()), qp, t.name), t.type_id, t.name, note
+
+
+def _walk(model, adapter: Adapter) -> Iterator[tuple[str, Any]]:
+    """(transformers name, tensor-or-QuantizedLinear) for every weight, each once."""
+    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    for n, m in quantized.items():
+        yield f"{n}.weight", m
+        if m.bias is not None:
+            yield f"{n}.bias", m.bias
+    inside = tuple(f"{n}." for n in quantized)
+    for n, p in model.named_parameters():  # tied parameters appear once (under the embedding)
+        if not n.startswith(inside):
+            yield n, p
+
+
+def _tensor_name(name_map, hf_name: str, where: str) -> str:
+    gname = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if gname is None:
+        raise CompactorError(f"{where}: tensor {hf_name!r} has no GGUF name for this architecture "
+                             "(gguf's tensor map does not know it)")
+    return gname
+
+
+def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, tokenizer=None,
+                tokenizer_gguf: str | Path | None = None, provenance: dict | None = None,
+                adapter: Adapter | None = None, progress: bool = True) -> GGUFExport:
+    """Write ``model`` (transformers causal LM, possibly with QuantizedLinear modules) to
+    ``path``. The tokenizer is copied from ``tokenizer_gguf`` when given (keeps llama.cpp's
+    pre-tokenizer name), else built from the transformers ``tokenizer``."""
+    import gguf
+    from tqdm.auto import tqdm
+
+    t0 = time.perf_counter()
+    types = types or GGUFTypes()
+    adapter = adapter or adapter_for(model)
+    path = Path(path)
+    if adapter.gguf_arch is None:
+        raise CompactorError(f"family {adapter.family!r} has no GGUF architecture in the adapter table")
+    arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[adapter.gguf_arch]
+    cfg = model.config
+    name_map = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
+    if tokenizer_gguf is not None:
+        tok_keys = tokenizer_from_gguf(Path(tokenizer_gguf), cfg.vocab_size)
+    elif tokenizer is not None:
+        tok_keys = tokenizer_from_transformers(tokenizer, cfg.vocab_size)
+    else:
+        raise CompactorError("GGUF export needs a tokenizer: pass the transformers tokenizer or a GGUF to copy it from")
+
+    heads = {adapter.attn[0]: getattr(cfg, adapter.heads_key), adapter.attn[1]: getattr(cfg, adapter.kv_heads_key)}
+    records: list[TensorRecord] = []
+    arrays: list[tuple[str, np.ndarray, int]] = []
+    notes: list[str] = []
+    embed_w = f"{adapter.embed}.weight"
+    for hf_name, obj in tqdm(list(_walk(model, adapter)), desc="gguf tensors", disable=not progress,
+                             leave=False):
+        gname = _tensor_name(name_map, hf_name, str(path))
+        note = None
+        if isinstance(obj, QuantizedLinear):
+            if obj.label not in GGML_TYPES:
+                raise CompactorError(
+                    f"{hf_name}: quantized on grid {obj.label!r}, which has no GGUF block type; "
+                    "quantize on a ggml grid (q4_0, q4_k, iq4_nl ...) or export compressed-tensors")
+            arr, tid, tname, origin = pack_ggml(obj.codes, obj.qparams, obj.label), \
+                GGML_TYPES[obj.label].type_id, obj.label, "codes"
+            rows = obj.out_features
+        else:
+            w = obj.detach()
+            if w.dim() == 1:
+                if hf_name.endswith("norm.weight") and adapter.norm_offset:
+                    w = w + adapter.norm_offset  # llama.cpp stores the effective RMSNorm gain
+                arr, tid = _pack_float(w, "f32")
+                tname, origin = "f32", "float"
+            else:
+                want = (types.embed if hf_name == embed_w
+                        else (types.head or types.embed) if hf_name == f"{adapter.lm_head}.weight"
+                        else types.body)
+                arr, tid, tname, note = _encode(w, want, hf_name)
+                origin = "float" if tname == "f32" else "rounded"  # f16/bf16 round too
+            rows = w.shape[0]
+        module = hf_name.rsplit(".", 1)[0].split(".")[-2:]
+        short = ".".join(module)
+        if adapter.gguf_permute_qk and short in heads:  # packed rows (or bias entries) move whole
+            arr = arr[qk_row_permutation(rows, heads[short]).numpy()]
+        numel = obj.out_features * obj.in_features if isinstance(obj, QuantizedLinear) else obj.numel()
+        records.append(TensorRecord(gname, hf_name, tname, numel, arr.nbytes, origin, note))
+        arrays.append((gname, np.ascontiguousarray(arr), tid))
+        if note:
+            notes.append(note)
+
+    with atomic_file(path) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), adapter.gguf_arch)
+        writer.add_string("general.name", getattr(cfg, "_name_or_path", "") or "compactor model")
+        writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+        writer.add_uint32("general.file_type", _file_type(records))
+        for key, (value, vtype) in arch_metadata(cfg, adapter.gguf_arch, str(path)).items():
+            writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
+        for key, value, vtype, sub in tok_keys:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        for key, value in provenance_metadata(provenance or {}).items():
+            writer.add_string(key, value)
+        for gname, arr, tid in arrays:
+            raw = gguf.GGMLQuantizationType(tid)
+            writer.add_tensor(gname, arr, raw_dtype=None if raw.name in ("F32", "F16") else raw)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+    size = path.stat().st_size
+    params = sum(r.numel for r in records)
+    return GGUFExport(path, records, size, params, time.perf_counter() - t0, adapter, _count(notes))
+
+
+def _count(notes: list[str]) -> list[str]:
+    c = Counter(n.split(": ", 1)[-1] for n in notes)
+    return [f"{k} tensor{'s' if k > 1 else ''}: {n}" for n, k in sorted(c.items())]
+
+
+def _file_type(records: list[TensorRecord]) -> int:
+    """general.file_type: the type holding most matrix parameters (informational for llama.cpp)."""
+    from gguf import LlamaFileType as F
+
+    c: Counter[str] = Counter()
+    for r in records:
+        if r.origin != "float" or r.type != "f32":
+            c[r.type] += r.numel
+    main = c.most_common(1)[0][0] if c else "f32"
+    name = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q4_k": "MOSTLY_Q4_K_M",
+            "q5_k": "MOSTLY_Q5_K_M", "q3_k": "MOSTLY_Q3_K_M", "q2_k": "MOSTLY_Q2_K",
+            "q6_k": "MOSTLY_Q6_K"}.get(main, f"MOSTLY_{main.upper()}")
+    return int(F[name])
+

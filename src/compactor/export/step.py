@@ -1,0 +1,68 @@
+"""The ``export`` recipe step: write the current model in a runtime format, verified.
+
+In a run with an output directory the file lands inside it (``file`` names it); the
+verification uses the first ``verify_tokens`` tokens of the recipe's evaluation windows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from compactor.config import StepConfig, check
+from compactor.errors import CompactorError
+from compactor.registry import register
+
+
+@dataclass(frozen=True)
+class ExportConfig(StepConfig):
+    """Export the in-memory model.
+
+    ``type``: GGUF type for linears still in float; ``embed_type`` / ``head_type``: for the
+    token embedding and an untied head (quantized linears keep their own ggml grid).
+    ``score``: also evaluate the file in its runtime against the reference (a table row).
+    """
+
+    name = "export"
+    format: Literal["gguf", "compressed-tensors", "onnx"] = "gguf"
+    file: str = "model.gguf"
+    type: str = "f16"
+    embed_type: str = "q8_0"
+    head_type: str | None = None
+    verify: bool = True
+    verify_tokens: int = 2048
+    score: bool = True
+    label: str | None = None
+
+    def validate(self) -> None:
+        from compactor.export.gguf import GGUF_TYPES
+
+        for key in ("type", "embed_type", "head_type"):
+            v = getattr(self, key)
+            check(v is None or v in GGUF_TYPES, f"export.{key}: got {v!r}, expected one of {', '.join(GGUF_TYPES)}")
+        check(bool(self.file.strip()) and "/" not in self.file, f"export.file must be a plain file name, got {self.file!r}")
+        check(self.verify_tokens >= 2, f"export.verify_tokens must be >= 2, got {self.verify_tokens}")
+
+
+@register(ExportConfig, kind="eval")
+def _export_step(ctx, cfg: ExportConfig) -> None:
+    from compactor.evaluate.harness import evaluate
+    from compactor.export.api import export_model
+    from compactor.export.gguf import GGUFTypes
+
+    if ctx.out_dir is None:
+        raise CompactorError("the export step needs a run with an output directory (compactor run --out DIR)")
+    windows = ctx.eval_windows()
+    n = max(1, min(len(windows), -(-cfg.verify_tokens // windows.length)))
+    out = Path(ctx.out_dir) / cfg.file
+    opts = {"types": GGUFTypes(cfg.type, cfg.embed_type, cfg.head_type)} if cfg.format == "gguf" else {}
+    prov = {"calibration": ctx._calib_windows.provenance if ctx._calib_windows else None,
+            "recipe": ctx.recipe.to_yaml()}
+    res = export_model(ctx.loaded, cfg.format, out, verify=cfg.verify, windows=windows.head(n),
+                       provenance=prov, overwrite=True)
+    ctx.reports.append({"step": "export", **res.to_dict(), "path": cfg.file})
+    if cfg.score and cfg.format == "gguf":
+        ref = ctx.reference()
+        ctx.results.append(evaluate(str(out), windows, reference=ref, speed=ctx.recipe.eval.speed,
+                                    name=cfg.label or f"{cfg.file} (llama.cpp)"))
