@@ -105,6 +105,8 @@ def cmd_export(args) -> int:
     opts = {}
     if args.format == "gguf":
         opts["types"] = GGUFTypes(args.type, args.embed_type, args.head_type)
+    elif args.format == "onnx":
+        opts["int8"] = args.int8
     res = export_model(loaded, args.format, args.out, overwrite=args.force,
                        verify=not args.no_verify, **opts)
     s = res.summary
@@ -116,7 +118,10 @@ def cmd_export(args) -> int:
     if res.verification:
         from compactor.export.verify import Verification
 
-        print(Verification(**res.verification).describe())
+        v = res.verification
+        print(Verification(**v).describe() if args.format == "gguf" else
+              f"verification passed in {v['runtime']}: KLD vs memory {v['kld_mean']:.2e} on {v['tokens']} tokens, "
+              f"top-1 {v['top1']:.3f}")
     size = s.get("size_bytes")
     print(f"wrote {res.path}" + (f" ({size / 1e6:.1f} MB, {s['bpw']:.2f} bits per weight)" if size else ""))
     return 0
@@ -169,9 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "(quantized ones keep their codes): f32 f16 bf16 q8_0 ... q2_k (default f16)")
     x.add_argument("--embed-type", default="q8_0", help="GGUF type of the token embedding (default q8_0)")
     x.add_argument("--head-type", default=None, help="GGUF type of an untied output head (default: embed type)")
+    x.add_argument("--int8", action="store_true",
+                   help="onnx: also apply onnxruntime's dynamic int8 quantization (verified file: model.int8.onnx)")
     x.add_argument("--no-verify", action="store_true",
                    help="skip the runtime check (reload in llama.cpp and compare logits)")
-    x.add_argument("--out", required=True, help="output file")
+    x.add_argument("--out", required=True, help="output file (gguf) or directory (compressed-tensors, onnx)")
     x.add_argument("--force", action="store_true", help="replace an existing output")
     x.set_defaults(fn=cmd_export)
 

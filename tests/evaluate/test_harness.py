@@ -69,3 +69,19 @@ def test_windows_from_another_tokenizer_refused(windows):
     small = tiny_model(vocab_size=100, bos_token_id=0, eos_token_id=1, pad_token_id=1)
     with pytest.raises(CompactorError, match="outside"):
         evaluate(small, windows, speed=False, progress=False)
+
+
+def test_cached_reference_gives_identical_scores(tiny, text_file, tok):
+    from compactor.data.windows import windows_for
+    from compactor.evaluate.backends import CachedBackend, TorchBackend
+    from compactor.evaluate.harness import evaluate
+    from compactor.models.tiny import tiny_model
+
+    win = windows_for(tok, str(text_file), 64, max_tokens=256)
+    ref = TorchBackend(tiny_model("llama", seed=3))
+    cached = CachedBackend(ref)
+    plain = evaluate(tiny, win, reference=ref, speed=False, progress=False)
+    first = evaluate(tiny, win, reference=cached, speed=False, progress=False)
+    again = evaluate(tiny, win, reference=cached, speed=False, progress=False)
+    assert len(cached._cache) == len(win)
+    assert plain.kld_mean == first.kld_mean == again.kld_mean and plain.top1 == again.top1

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from compactor.errors import CompactorError
-from compactor.io import atomic_file
+from compactor.io import atomic_dir, atomic_file
 from compactor.models.load import LoadedModel
 
 FORMATS = ("gguf", "compressed-tensors", "onnx")
@@ -73,6 +73,8 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, *, overwrite: b
     if fmt not in FORMATS:
         raise CompactorError(f"export format {fmt!r}: expected one of {', '.join(FORMATS)}")
     out = Path(out)
+    if fmt != "gguf" and out.suffix == ".gguf":
+        raise CompactorError(f"{out}: a {fmt} export is a directory; give a directory path")
     if out.exists() and not overwrite:
         raise CompactorError(f"output {out} already exists (pass --force to replace it)")
     if verify and windows is None:
@@ -82,7 +84,42 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, *, overwrite: b
     prov = {**source_provenance(loaded), **(provenance or {})}
     if fmt == "gguf":
         return _export_gguf(loaded, out, verify, windows, prov, progress, **options)
-    raise CompactorError(f"export format {fmt!r} is not built yet")
+    if fmt == "compressed-tensors":
+        return _export_ct(loaded, out, verify, windows, prov, overwrite, **options)
+    return _export_onnx(loaded, out, verify, windows, prov, overwrite, **options)
+
+
+def _export_ct(loaded, out, verify, windows, prov, overwrite) -> ExportResult:
+    from compactor.export.compressed import export_compressed_tensors, verify_compressed
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        summary = export_compressed_tensors(loaded.model, loaded.tokenizer, tmp)
+        (tmp / "compactor_provenance.json").write_text(json.dumps(prov, indent=2, default=str))
+        ver = None
+        if verify:
+            ver = verify_compressed(loaded.model, tmp, windows)
+            if not ver["passed"]:
+                raise VerificationFailed(f"{out}: transformers reload differs from memory (KLD "
+                                         f"{ver['kld_mean']:.2e}, top-1 {ver['top1']:.3f}); nothing written")
+    return ExportResult("compressed-tensors", out, summary, ver)
+
+
+def _export_onnx(loaded, out, verify, windows, prov, overwrite, int8: bool = False) -> ExportResult:
+    from compactor.export.onnx import export_onnx, verify_onnx
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        summary = export_onnx(loaded.model, tmp, int8=int8)
+        (tmp / "compactor_provenance.json").write_text(json.dumps(prov, indent=2, default=str))
+        if loaded.tokenizer is not None:
+            loaded.tokenizer.save_pretrained(tmp)
+        ver = None
+        if verify:
+            ver = verify_onnx(loaded.model, tmp / summary["file"], windows, int8=int8)
+            if not ver["passed"]:
+                raise VerificationFailed(f"{out}: onnxruntime differs from memory (KLD "
+                                         f"{ver['kld_mean']:.2e} > {ver['max_kld']}, top-1 "
+                                         f"{ver['top1']:.3f}); nothing written")
+    return ExportResult("onnx", out, summary, ver)
 
 
 def _export_gguf(loaded, out, verify, windows, prov, progress, types=None) -> ExportResult:

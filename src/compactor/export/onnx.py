@@ -1,0 +1,102 @@
+"""ONNX export (``input_ids [batch, seq] -> logits [batch, seq, vocab]``) checked in onnxruntime.
+
+The graph is traced with torch's dynamo exporter (the TorchScript exporter cannot lower
+transformers' mask code). Quantized linears are exported with their dequantized weights
+(ONNX has no ggml block types); ``int8=True`` then applies onnxruntime's own dynamic int8
+quantization (``quantize_dynamic``: per-channel int8 weights, activations quantized per
+batch at run time) and keeps both files. No KV cache: this graph scores or prefills.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compactor.errors import CompactorError
+from compactor.quant.storage import dequantized_view
+
+#: onnxruntime vs in-memory thresholds: the float graph must match to rounding; the dynamic
+#: int8 graph is a different (quantized) model, so only gross breakage is rejected.
+MAX_KLD_FLOAT, MAX_KLD_INT8 = 1e-4, 0.5
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def export_onnx(model, out_dir: Path, int8: bool = False) -> dict:
+    """Write ``model.onnx`` (and ``model.int8.onnx`` with ``int8``) into ``out_dir``."""
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        raise CompactorError("ONNX export needs onnx and onnxruntime: pip install 'compactor[onnx]'") from None
+    out_dir = Path(out_dir)
+    path = out_dir / "model.onnx"
+    ids = torch.zeros((1, 16), dtype=torch.long)
+    seq = torch.export.Dim("seq", min=2, max=int(getattr(model.config, "max_position_embeddings", 4096)))
+    batch = torch.export.Dim("batch", max=1024)
+    with dequantized_view(model), torch.no_grad():
+        try:
+            torch.onnx.export(_Logits(model).eval(), (ids,), str(path), input_names=["input_ids"],
+                              output_names=["logits"], dynamo=True, external_data=False,
+                              dynamic_shapes=({0: batch, 1: seq},), verbose=False)
+        except Exception as exc:  # the exporter raises many types; name the model and cause
+            raise CompactorError(f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0][:300]}") from None
+    summary = {"file": path.name, "size_bytes": path.stat().st_size}
+    if int8:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        q = out_dir / "model.int8.onnx"
+        quantize_dynamic(str(path), str(q), weight_type=QuantType.QInt8, per_channel=True)
+        summary.update(file=q.name, float_file=path.name, size_bytes=q.stat().st_size,
+                       float_size_bytes=path.stat().st_size)
+    return summary
+
+
+class OnnxBackend:
+    """An ONNX graph in onnxruntime, as an evaluation backend."""
+
+    kind = "onnxruntime"
+
+    def __init__(self, path: Path, threads: int = 2):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.name = Path(path).name
+        self.load_seconds = 0.0
+        self.size_bytes = os.path.getsize(path)
+        self.params = 0
+        out = self.session.get_outputs()[0]
+        self.vocab_size = int(out.shape[-1]) if isinstance(out.shape[-1], int) else 0
+
+    def window_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        arr = ids.to(torch.int64).numpy()[None]
+        return torch.from_numpy(np.asarray(self.session.run(None, {"input_ids": arr})[0][0], dtype=np.float32))
+
+    def speed(self, *args, **kwargs) -> dict:
+        return {}
+
+
+def verify_onnx(model, path: Path, windows, int8: bool = False) -> dict:
+    """Score the graph in onnxruntime against the in-memory model."""
+    from compactor.evaluate.harness import evaluate
+
+    be = OnnxBackend(path)
+    be.params = sum(p.numel() for p in model.parameters())
+    be.vocab_size = be.vocab_size or model.config.vocab_size
+    res = evaluate(be, windows, reference=model, speed=False, progress=False)
+    max_kld = MAX_KLD_INT8 if int8 else MAX_KLD_FLOAT
+    return {"runtime": "onnxruntime", "kld_mean": res.kld_mean, "kld_p99": res.kld_p99, "top1": res.top1,
+            "tokens": res.tokens, "max_kld": max_kld, "passed": res.kld_mean <= max_kld}
