@@ -85,3 +85,17 @@ def test_cached_reference_gives_identical_scores(tiny, text_file, tok):
     again = evaluate(tiny, win, reference=cached, speed=False, progress=False)
     assert len(cached._cache) == len(win)
     assert plain.kld_mean == first.kld_mean == again.kld_mean and plain.top1 == again.top1
+
+
+def test_half_cache_changes_kld_negligibly(tiny, text_file, tok):
+    from compactor.data.windows import windows_for
+    from compactor.evaluate.backends import CachedBackend, TorchBackend
+    from compactor.evaluate.harness import evaluate
+    from compactor.models.tiny import tiny_model
+
+    win = windows_for(tok, str(text_file), 64, max_tokens=256)
+    ref = TorchBackend(tiny_model("llama", seed=3))
+    plain = evaluate(tiny, win, reference=ref, speed=False, progress=False)
+    half = evaluate(tiny, win, reference=CachedBackend(ref, half=True), speed=False, progress=False)
+    assert abs(half.kld_mean - plain.kld_mean) < 1e-4 * max(plain.kld_mean, 1e-3)
+    assert abs(half.ref_ppl - plain.ref_ppl) / plain.ref_ppl < 1e-4 and half.top1 == plain.top1

@@ -46,6 +46,6 @@ def _evaluate_step(ctx, cfg: EvaluateConfig) -> None:
         target, name = load_model(cfg.source), cfg.label or cfg.source
     # Against the reference unless the candidate is the untouched in-memory input itself.
     trivial = cfg.source is None and not ctx.modified
-    ref = ctx.reference() if cfg.against == "reference" and not trivial else None
+    ref = ctx.reference_scorer() if cfg.against == "reference" and not trivial else None
     ctx.results.append(evaluate(target, ctx.eval_windows(), reference=ref,
                                 speed=ctx.recipe.eval.speed, name=name))

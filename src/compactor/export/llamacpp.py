@@ -136,7 +136,7 @@ def _llamacpp_step(ctx, cfg: LlamaCppQuantizeConfig) -> None:
                           progress=False).path
         imx = collect_imatrix(ref, ctx.calib_windows()) if cfg.imatrix else None
         out = llamacpp_quantize(src, Path(d) / tag, cfg.type, imx)
-        ctx.results.append(evaluate(str(out), ctx.eval_windows(), reference=ref,
+        ctx.results.append(evaluate(str(out), ctx.eval_windows(), reference=ctx.reference_scorer(),
                                     speed=ctx.recipe.eval.speed,
                                     name=cfg.label or f"llama.cpp {cfg.type.upper()}"
                                     f"{' + imatrix' if cfg.imatrix else ''} (llama.cpp)"))

@@ -63,6 +63,6 @@ def _export_step(ctx, cfg: ExportConfig) -> None:
                        provenance=prov, overwrite=True)
     ctx.reports.append({"step": "export", **res.to_dict(), "path": cfg.file})
     if cfg.score and cfg.format == "gguf":
-        ref = ctx.reference()
+        ref = ctx.reference_scorer()
         ctx.results.append(evaluate(str(out), windows, reference=ref, speed=ctx.recipe.eval.speed,
                                     name=cfg.label or f"{cfg.file} (llama.cpp)"))

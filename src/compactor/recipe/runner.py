@@ -32,6 +32,7 @@ class RunContext:
     stage: str = ""
     modified: bool = False  # has any step changed the model yet?
     _reference: LoadedModel | None = None
+    _reference_backend: Any = None
     _eval_windows: TokenWindows | None = None
     _calib_windows: TokenWindows | None = None
     log: list[dict] = field(default_factory=list)
@@ -49,6 +50,19 @@ class RunContext:
         if self._reference is None:
             self._reference = load_model(self.recipe.model if ref == "original" else ref)
         return self._reference
+
+    def reference_scorer(self):
+        """The reference as an evaluation backend whose window logits are computed once and
+        reused by every later comparison in the run (float16, shift-normalized)."""
+        from compactor.evaluate.backends import CachedBackend, TorchBackend
+
+        ref = self.reference()
+        if ref is None:
+            return None
+        if self._reference_backend is None:
+            self._reference_backend = CachedBackend(TorchBackend(ref.model, ref.source, ref.load_seconds),
+                                                    half=True)
+        return self._reference_backend
 
     def eval_windows(self) -> TokenWindows:
         if self._eval_windows is None:
@@ -116,7 +130,7 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
                             "seconds": round(time.perf_counter() - t0, 3)})
         # A stage that changed the model is scored against the original.
         if ctx.recipe.eval.after_each_stage and stage_modified:
-            ref = ctx.reference() if ctx.modified else None
+            ref = ctx.reference_scorer() if ctx.modified else None
             res = evaluate(ctx.loaded, ctx.eval_windows(), reference=ref,
                            speed=ctx.recipe.eval.speed, name=f"{stage.name}",
                            progress=progress)
