@@ -19,6 +19,8 @@ def quantize_(model: nn.Module, cfg, progress: bool = False) -> list[str]:
         raise CompactorError(f"{type(cfg).name} needs calibration data: use the sequential runner "
                              "(compactor quantize ... --method gptq) instead of quantize_")
     names = match_modules(model, cfg.targets, cfg.ignore)
+    # Steps that decide across modules (global magnitude pruning) look at all of them first.
+    shared = cfg.prepare(model, names) if hasattr(cfg, "prepare") else None
     for name in names:
-        model.set_submodule(name, entry.handler(model.get_submodule(name), cfg, name=name))
+        model.set_submodule(name, entry.handler(model.get_submodule(name), cfg, name=name, stats=shared))
     return names

@@ -9,3 +9,6 @@ from compactor.quant import smoothquant as _smoothquant  # noqa: F401
 from compactor.quant import mixed as _mixed  # noqa: F401
 from compactor.export import step as _export  # noqa: F401
 from compactor.export import llamacpp as _llamacpp  # noqa: F401
+from compactor.prune import magnitude as _magnitude  # noqa: F401
+from compactor.prune import wanda as _wanda  # noqa: F401
+from compactor.prune import sparsegpt as _sparsegpt  # noqa: F401

@@ -38,7 +38,7 @@ def test_qk_permutation_is_llamacpp_converters():
     assert torch.equal(w[qk_row_permutation(48, n_head)], naive)
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma"])
 def test_f32_file_matches_memory_in_llamacpp(tmp_path, tok, windows, family):
     """An unquantized export runs in llama.cpp with the same logits (families: one adapter
     entry each; qwen2 has q/k/v biases, gemma a norm offset and no q/k permutation)."""
@@ -112,3 +112,10 @@ def test_bad_type_and_vocab_mismatch(tmp_path, tok):
     src = export_gguf(tiny_model("llama"), tmp_path / "a.gguf", tokenizer=tok, progress=False).path
     with pytest.raises(CompactorError, match="258 tokens but the model's vocabulary has 300"):
         export_gguf(m, tmp_path / "b.gguf", tokenizer_gguf=src, progress=False)
+
+
+def test_scaled_rope_is_refused(tmp_path, tok):
+    m = tiny_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(CompactorError, match="RoPE scaling 'linear' is not supported"):
+        export_gguf(m, tmp_path / "m.gguf", tokenizer=tok, progress=False)
+    assert list(tmp_path.iterdir()) == []

@@ -177,11 +177,22 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
         ctx.reports.append({"step": type(cfg).name, "modules": len(rep.modules),
                             "seconds": round(rep.seconds, 1), "peak_rss_bytes": rep.peak_rss_bytes,
                             "calibration_tokens": rep.tokens, "notes": _count(rep.notes),
-                            **({"pairs": rep.pairs} if rep.pairs else {})})
+                            **({"pairs": rep.pairs} if rep.pairs else {}),
+                            **_sparsity(model, rep.modules, cfg)})
     else:
         names = quantize_(model, cfg)
         notes = [m.note for n in names if getattr(m := model.get_submodule(n), "note", None)]
-        ctx.reports.append({"step": type(cfg).name, "modules": len(names), "notes": _count(notes)})
+        ctx.reports.append({"step": type(cfg).name, "modules": len(names), "notes": _count(notes),
+                            **_sparsity(model, names, cfg)})
+
+
+def _sparsity(model, names: list[str], cfg) -> dict:
+    """After a pruning step: measured sparsity, checked against the step's target."""
+    if not hasattr(cfg, "target_sparsity"):
+        return {}
+    from compactor.prune.stats import check_pruned
+
+    return {"sparsity": check_pruned(model, names, cfg)}
 
 
 def _count(notes: list[str]) -> list[str]:
