@@ -24,7 +24,8 @@ class Entry:
     # "module": handler(module, cfg, name=, stats=) -> replacement module (walkers apply it);
     # "pair": handler(layer, cfg, name=, producer=, consumers=, stats=) folds scales (AWQ);
     # "plan": handler(modules, hessians, cfg) -> (grid per module, report) (mixed precision);
-    # "eval": handler(ctx, cfg), run by the recipe runner.
+    # "model": handler(ctx, cfg) changes the model as a whole (structured cuts);
+    # "eval": handler(ctx, cfg), run by the recipe runner, leaves the model as it is.
     kind: str
 
 

@@ -12,3 +12,4 @@ from compactor.export import llamacpp as _llamacpp  # noqa: F401
 from compactor.prune import magnitude as _magnitude  # noqa: F401
 from compactor.prune import wanda as _wanda  # noqa: F401
 from compactor.prune import sparsegpt as _sparsegpt  # noqa: F401
+from compactor.prune import cuts as _cuts  # noqa: F401

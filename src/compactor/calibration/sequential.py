@@ -95,8 +95,11 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                    adapter: Adapter | None = None, true_sequential: bool = True,
                    skip: Callable[[str], bool] = lambda name: False,
                    batch: int = 8, dtype: torch.dtype = torch.float32,
-                   progress: bool = True) -> CalibrationReport:
-    """Calibrate and apply ``handler`` to every linear of every decoder layer, in place."""
+                   progress: bool = True, on_layer: Callable | None = None) -> CalibrationReport:
+    """Calibrate and apply ``handler`` to every linear of every decoder layer, in place.
+
+    ``on_layer(index, inputs, outputs)``: called after each layer with its input and output
+    hidden states (lists of batches), e.g. to measure how much a layer changes its input."""
     if len(windows) == 0:
         raise CompactorError("calibration data is empty: no token windows to observe")
     adapter = adapter or adapter_for(model)
@@ -176,7 +179,10 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                 runner = copy.deepcopy(layer).to(dtype)
         # Propagate the compressed layer's outputs to the next layer.
         with torch.no_grad():
-            inputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+            outputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+        if on_layer is not None:
+            on_layer(li, [h for h, _ in inputs], [h for h, _ in outputs])
+        inputs = outputs
         del runner
     report.seconds = time.perf_counter() - t0
     report.peak_rss_bytes = peak_rss_bytes()

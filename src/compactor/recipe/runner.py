@@ -124,7 +124,7 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
                 apply_module_step(ctx, step.config, progress)
             else:
                 entry.handler(ctx, step.config)
-            stage_modified |= entry.kind in ("module", "pair", "plan")
+            stage_modified |= entry.kind in ("module", "pair", "plan", "model")
             ctx.modified |= stage_modified
             ctx.log.append({"stage": stage.name, "step": step.name,
                             "seconds": round(time.perf_counter() - t0, 3)})
