@@ -106,3 +106,33 @@ def test_export_cli_gguf_verified(tmp_path, tiny_dir, text_file, capsys):
     assert "q4_0 " in printed and "verification passed: 14 code tensors" in printed and out.exists()
     assert main(["export", str(q), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method,extra", [("wanda", ["--pattern", "2:4"]), ("layers", ["--fraction", "0.5"])])
+def test_prune_cli_and_stats(tmp_path, tiny_dir, text_file, capsys, method, extra):
+    out = tmp_path / "p"
+    rc = main(["prune", str(tiny_dir), "--method", method, *extra, "--calib-data", str(text_file),
+               "--samples", "2", "--calib-window", "64", "--data", str(text_file), "--tokens", "128",
+               "--window", "64", "--no-speed", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    if method == "wanda":
+        assert "sparsity: 50.00% over 14 matrices" in printed
+        assert main(["stats", str(out)]) == 0
+        assert "50.00%" in capsys.readouterr().out
+    else:
+        assert "parameters: " in printed
+        assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--sparsity", "1.0"], "must be in [0, 1)"), (["--pattern", "4:4"], "N must be in 1..M-1"),
+    (["--pattern", "3:48"], "group size 48 does not divide the width 64"),
+    (["--method", "layers", "--fraction", "0.99"], "would leave none"),
+])
+def test_prune_bad_input_writes_nothing(tmp_path, tiny_dir, text_file, capsys, args, match):
+    out = tmp_path / "p"
+    rc = main(["prune", str(tiny_dir), *args, "--calib-data", str(text_file), "--samples", "2",
+               "--calib-window", "64", "--data", str(text_file), "--tokens", "128", "--window", "64",
+               "--no-speed", "--out", str(out)])
+    assert rc == 2 and match in capsys.readouterr().err and not out.exists()

@@ -127,6 +127,51 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_prune(args) -> int:
+    from compactor.evaluate import table
+    from compactor.recipe import Recipe, run_recipe
+
+    unstructured = {"sparsity": args.sparsity, "pattern": args.pattern}
+    step = {
+        "magnitude": {"magnitude": {**unstructured, "scope": args.scope}},
+        "wanda": {"wanda": unstructured},
+        "sparsegpt": {"sparsegpt": unstructured},
+        "heads": {"prune_heads": {"fraction": args.fraction}},
+        "channels": {"prune_channels": {"fraction": args.fraction}},
+        "layers": {"drop_layers": {"fraction": args.fraction, "metric": args.metric}},
+    }[args.method]
+    data = {
+        "model": args.model,
+        "eval": {"data": args.data, "tokens": args.tokens, "window": args.window,
+                 "after_each_stage": not args.no_eval, "speed": not args.no_speed},
+        "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
+        "stages": [{"name": args.method, "steps": [step]}],
+    }
+    ctx = run_recipe(Recipe.from_dict(data, where="compactor prune"), out=args.out, overwrite=args.force)
+    for rep in ctx.reports:
+        if "sparsity" in rep:
+            s = rep["sparsity"]
+            print(f"sparsity: {s['measured_sparsity']:.2%} over {s['layers']} matrices "
+                  f"(target {s['target_sparsity']:.2%}; per layer {s['min_layer']:.2%}..{s['max_layer']:.2%})")
+        if "params_after" in rep:
+            print(f"parameters: {rep['params_before']:,} -> {rep['params_after']:,}")
+    if ctx.results:
+        print(table(ctx.results))
+    print(f"\nwrote {ctx.out_dir}")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    from compactor.models.load import load_model
+    from compactor.prune.stats import format_report, sparsity_report
+
+    loaded = load_model(args.model)
+    print(format_report(sparsity_report(loaded.model)))
+    print(f"parameters: {sum(p.numel() for p in loaded.model.parameters()):,}; quantized linears: "
+          f"{loaded.info.get('quantized_modules', 0)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compactor", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -181,6 +226,31 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--out", required=True, help="output file (gguf) or directory (compressed-tensors, onnx)")
     x.add_argument("--force", action="store_true", help="replace an existing output")
     x.set_defaults(fn=cmd_export)
+
+    pr = sub.add_parser("prune", help="prune: magnitude, Wanda, SparseGPT (N:M too), or structured cuts")
+    pr.add_argument("model")
+    pr.add_argument("--method", choices=["magnitude", "wanda", "sparsegpt", "heads", "channels", "layers"],
+                    default="wanda")
+    pr.add_argument("--sparsity", type=float, default=0.5, help="share of weights removed (default 0.5)")
+    pr.add_argument("--pattern", default="unstructured", help="unstructured or N:M (N zeros in every M), e.g. 2:4")
+    pr.add_argument("--scope", choices=["layer", "row", "global"], default="layer", help="magnitude: threshold scope")
+    pr.add_argument("--fraction", type=float, default=0.25,
+                    help="structured: share of KV heads / MLP channels / layers removed (default 0.25)")
+    pr.add_argument("--metric", choices=["block_influence", "angular"], default="block_influence",
+                    help="layers: how to choose them")
+    pr.add_argument("--calib-data", default="austen:calib")
+    pr.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
+    pr.add_argument("--calib-window", type=int, default=512)
+    _add_data_args(pr)
+    pr.add_argument("--no-eval", action="store_true")
+    pr.add_argument("--no-speed", action="store_true")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--force", action="store_true")
+    pr.set_defaults(fn=cmd_prune)
+
+    st = sub.add_parser("stats", help="sparsity per layer and overall, parameter count")
+    st.add_argument("model")
+    st.set_defaults(fn=cmd_stats)
 
     r = sub.add_parser("run", help="run a recipe (YAML) and write its output directory")
     r.add_argument("recipe")

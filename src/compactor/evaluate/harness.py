@@ -107,7 +107,7 @@ def evaluate(
     summary = stats.summary()
     speeds = cand.speed() if speed else {}
     return EvalResult(
-        name=cand.name,
+        name=name or cand.name,
         runtime=cand.kind,
         ppl=summary["ppl"],
         tokens=summary["tokens"],

@@ -34,7 +34,11 @@ class EvaluateConfig(StepConfig):
 def _evaluate_step(ctx, cfg: EvaluateConfig) -> None:
     from compactor.models.load import load_model
 
-    if cfg.source is None:
+    if cfg.source is None and not ctx.modified and ctx.recipe.reference == "original":
+        # The untouched input *is* the reference: score the reference's cached backend, so
+        # its logits are computed once for this row and every later comparison.
+        target, name = ctx.reference_scorer(), cfg.label or f"{ctx.stage}"
+    elif cfg.source is None:
         target, name = ctx.loaded, cfg.label or f"{ctx.stage}"
     elif cfg.source == "input.gguf":
         if ctx.loaded.gguf is None:
