@@ -43,7 +43,7 @@ def collect_imatrix(loaded, windows, progress: bool = True) -> dict[str, np.ndar
     """``{gguf tensor name: mean x^2 per input column}`` for every decoder linear."""
     import gguf
 
-    from compactor.calibration.sequential import run_sequential
+    from compactor.calibration.sequential import calibration_dtype, run_sequential
 
     model = loaded.model
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[loaded.adapter.gguf_arch]
@@ -57,7 +57,10 @@ def collect_imatrix(loaded, windows, progress: bool = True) -> dict[str, np.ndar
         out[gname] = stats.mean_sq().numpy().astype(np.float32)
         return module
 
-    run_sequential(model, windows, record, _ImatrixPass(), adapter=loaded.adapter, progress=progress)
+    # Nothing is modified, so one forward per layer observes every group's input
+    # (true_sequential=False); bf16 forwards where the CPU has them, statistics in float32.
+    run_sequential(model, windows, record, _ImatrixPass(), adapter=loaded.adapter, progress=progress,
+                   true_sequential=False, dtype=calibration_dtype("auto"))
     return out
 
 

@@ -65,7 +65,7 @@ def unit_importance(model, windows, adapter: Adapter | None = None, progress: bo
 
     wanted = (o_name, down_name)
     run_sequential(model, windows, record, _Observe(), adapter=adapter, progress=progress,
-                   skip=lambda name: not name.endswith(wanted))
+                   skip=lambda name: not name.endswith(wanted), true_sequential=False)
     n = len(channels)
     return Importance([channels[i] for i in range(n)], [groups[i] for i in range(n)])
 
