@@ -65,9 +65,22 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _run_one_stage(args, steps: list[dict], where: str):
+    """Build and run a one-stage recipe from the shared model/eval/calibration flags."""
+    from compactor.recipe import Recipe, run_recipe
+
+    data = {
+        "model": args.model,
+        "eval": {"data": args.data, "tokens": args.tokens, "window": args.window,
+                 "after_each_stage": not args.no_eval, "speed": not args.no_speed},
+        "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
+        "stages": [{"name": args.method, "steps": steps}],
+    }
+    return run_recipe(Recipe.from_dict(data, where=where), out=args.out, overwrite=args.force)
+
+
 def cmd_quantize(args) -> int:
     from compactor.evaluate import table
-    from compactor.recipe import Recipe, run_recipe
 
     grid = {"grid": args.grid, "bits": args.bits, "group_size": args.group_size,
             "symmetric": not args.asym}
@@ -78,15 +91,7 @@ def cmd_quantize(args) -> int:
         "awq": [{"awq": grid}],
         "awq+gptq": [{"awq": {**grid, "then": "none"}}, {"gptq": gptq}],
     }[args.method]
-    data = {
-        "model": args.model,
-        "eval": {"data": args.data, "tokens": args.tokens, "window": args.window,
-                 "after_each_stage": not args.no_eval, "speed": not args.no_speed},
-        "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
-        "stages": [{"name": args.method, "steps": steps}],
-    }
-    recipe = Recipe.from_dict(data, where="compactor quantize")
-    ctx = run_recipe(recipe, out=args.out, overwrite=args.force)
+    ctx = _run_one_stage(args, steps, "compactor quantize")
     for rep in ctx.reports:
         for note in rep.get("notes", []):
             print(f"note: {note}")
@@ -129,7 +134,6 @@ def cmd_export(args) -> int:
 
 def cmd_prune(args) -> int:
     from compactor.evaluate import table
-    from compactor.recipe import Recipe, run_recipe
 
     unstructured = {"sparsity": args.sparsity, "pattern": args.pattern}
     step = {
@@ -140,14 +144,7 @@ def cmd_prune(args) -> int:
         "channels": {"prune_channels": {"fraction": args.fraction}},
         "layers": {"drop_layers": {"fraction": args.fraction, "metric": args.metric}},
     }[args.method]
-    data = {
-        "model": args.model,
-        "eval": {"data": args.data, "tokens": args.tokens, "window": args.window,
-                 "after_each_stage": not args.no_eval, "speed": not args.no_speed},
-        "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
-        "stages": [{"name": args.method, "steps": [step]}],
-    }
-    ctx = run_recipe(Recipe.from_dict(data, where="compactor prune"), out=args.out, overwrite=args.force)
+    ctx = _run_one_stage(args, [step], "compactor prune")
     for rep in ctx.reports:
         if "sparsity" in rep:
             s = rep["sparsity"]
