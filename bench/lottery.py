@@ -29,7 +29,9 @@ def main() -> None:
     ap.add_argument("--prune-per-round", type=float, default=0.5)
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--train-tokens", type=int, default=400_000)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (a tiny model gains nothing from more)")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     tok = tiny_tokenizer()
     train = windows_for(tok, "austen:train", 64, max_tokens=args.train_tokens).input_ids
     ev = windows_for(tok, "austen:eval", 64, max_tokens=32_768).input_ids
