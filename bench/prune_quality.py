@@ -104,6 +104,13 @@ def main() -> None:
         rows.append({"row": "original", "params": count_params(ref.model),
                      **speeds(ref.model, ref.gguf, work, "original")})
         _write(rows, win, calib)
+    for rec in rows:  # speed of structured cuts measured earlier with --no-speed
+        if rec["row"] in STRUCTURED and not args.no_speed and "torch_prefill_tok_s" not in rec:
+            model = copy.deepcopy(ref.model)
+            structured(model, rec["row"], calib)
+            rec.update(speeds(model, ref.gguf, work, "pruned"))
+            _write(rows, win, calib)
+            del model
     for row in args.rows:
         if row in done:
             continue
