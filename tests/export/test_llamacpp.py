@@ -25,7 +25,7 @@ def test_imatrix_is_mean_square_of_layer_inputs(tok):
     loaded = LoadedModel(m, tok, adapter_for(m), "tiny")
     torch.manual_seed(0)
     win = make_windows(torch.randint(0, 258, (2 * 32,)), 32)
-    im = collect_imatrix(loaded, win, progress=False)
+    im = collect_imatrix(loaded, win, progress=False, dtype="float32")
     assert len(im) == 14 and im["blk.1.ffn_down.weight"].shape == (256,)
     # naive reference: hook the real forward pass and average x^2 over all tokens
     seen = {}
