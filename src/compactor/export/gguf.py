@@ -107,6 +107,19 @@ def qk_row_permutation(out: int, n_head: int) -> torch.Tensor:
     return torch.arange(out).reshape(n_head, 2, hd // 2).transpose(1, 2).reshape(-1)
 
 
+def permuted_heads(hf_name: str, adapter: Adapter, config) -> int | None:
+    """Head count whose RoPE row permutation llama.cpp applies to this tensor (q/k of
+    Llama-family models), or None when its rows stay in order."""
+    if not adapter.gguf_permute_qk:
+        return None
+    short = ".".join(hf_name.rsplit(".", 1)[0].split(".")[-2:])
+    if short == adapter.attn[0]:
+        return getattr(config, adapter.heads_key)
+    if short == adapter.attn[1]:
+        return getattr(config, adapter.kv_heads_key)
+    return None
+
+
 def _pack_float(w: torch.Tensor, type_name: str) -> tuple[np.ndarray, int]:
     """Float storage: (array, GGML type id)."""
     from gguf import GGMLQuantizationType as Q
@@ -176,7 +189,6 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
     else:
         raise CompactorError("GGUF export needs a tokenizer: pass the transformers tokenizer or a GGUF to copy it from")
 
-    heads = {adapter.attn[0]: getattr(cfg, adapter.heads_key), adapter.attn[1]: getattr(cfg, adapter.kv_heads_key)}
     records: list[TensorRecord] = []
     arrays: list[tuple[str, np.ndarray, int]] = []
     notes: list[str] = []
@@ -207,10 +219,9 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
                 arr, tid, tname, note = _encode(w, want, hf_name)
                 origin = "float" if tname == "f32" else "rounded"  # f16/bf16 round too
             rows = w.shape[0]
-        module = hf_name.rsplit(".", 1)[0].split(".")[-2:]
-        short = ".".join(module)
-        if adapter.gguf_permute_qk and short in heads:  # packed rows (or bias entries) move whole
-            arr = arr[qk_row_permutation(rows, heads[short]).numpy()]
+        n_head = permuted_heads(hf_name, adapter, cfg)
+        if n_head:  # packed rows (or bias entries) move whole, codes and scales together
+            arr = arr[qk_row_permutation(rows, n_head).numpy()]
         numel = obj.out_features * obj.in_features if isinstance(obj, QuantizedLinear) else obj.numel()
         records.append(TensorRecord(gname, hf_name, tname, numel, arr.nbytes, origin, note))
         arrays.append((gname, np.ascontiguousarray(arr), tid))

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from compactor.errors import CompactorError
-from compactor.export.gguf import GGUFExport, qk_row_permutation
+from compactor.export.gguf import GGUFExport, permuted_heads, qk_row_permutation
 
 #: Mean KL(memory ‖ llama.cpp) per token above which a file is rejected. The measured floor
 #: is ~0.003 for 4-bit files (8-bit activation rounding); a real export bug (a wrong
@@ -80,15 +80,10 @@ def _file_tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _unpermute(w: torch.Tensor, record, model, exp: GGUFExport) -> torch.Tensor:
-    adapter = exp.adapter
-    if not adapter.gguf_permute_qk:
+    n_head = permuted_heads(record.source, exp.adapter, model.config)
+    if not n_head:
         return w
-    short = ".".join(record.source.rsplit(".", 1)[0].split(".")[-2:])
-    heads = {adapter.attn[0]: getattr(model.config, adapter.heads_key),
-             adapter.attn[1]: getattr(model.config, adapter.kv_heads_key)}
-    if short not in heads:
-        return w
-    perm = qk_row_permutation(w.shape[0], heads[short])
+    perm = qk_row_permutation(w.shape[0], n_head)
     restored = torch.empty_like(w)
     restored[perm] = w  # file row r holds memory row perm[r]
     return restored
