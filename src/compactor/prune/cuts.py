@@ -135,6 +135,8 @@ def _drop_layers(ctx, cfg: DropLayersConfig) -> None:
         count = cfg.count if cfg.count is not None else int(round(cfg.fraction * n))
         chosen = choose_layers(model, _calib(ctx, cfg.samples), count, cfg.metric, adapter)
     drop_layers(model, chosen, adapter)
+    origin = ctx.layer_origin or list(range(n))
+    ctx.layer_origin = [o for i, o in enumerate(origin) if i not in set(chosen)]
     ctx.reports.append({"step": cfg.name, "metric": cfg.metric if cfg.layers is None else "explicit",
                         "dropped": chosen, "layers": [n, n - len(chosen)],
                         "params_before": before, "params_after": count_params(model)})

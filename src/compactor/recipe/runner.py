@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +39,9 @@ class RunContext:
     _calib_windows: TokenWindows | None = None
     log: list[dict] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
+    work_dir: Path | None = None  # checkpoints of long steps; survives a crash, removed on success
+    resume: bool = False  # continue long steps from their checkpoints in work_dir
+    layer_origin: list[int] | None = None  # original index of each current layer, after drop_layers
 
     @property
     def model(self):
@@ -97,18 +102,27 @@ def _environment() -> dict[str, Any]:
 
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
-               progress: bool = True) -> RunContext:
-    """Run ``recipe``; if ``out`` is given, write the output directory there (atomically)."""
+               progress: bool = True, resume: bool = False) -> RunContext:
+    """Run ``recipe``; if ``out`` is given, write the output directory there (atomically).
+
+    Long steps (distillation) checkpoint into ``<out>.work/``, which outlives a crash and is
+    removed once the output is in place; ``resume`` continues them from there."""
     loaded = load_model(recipe.model)
-    ctx = RunContext(recipe=recipe, loaded=loaded)
     started = time.time()
     if out is None:
-        _run_stages(ctx, progress)
+        with tempfile.TemporaryDirectory(prefix="compactor-work-") as work:
+            ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=Path(work))
+            _run_stages(ctx, progress)
         return ctx
-    with atomic_dir(out, overwrite=overwrite) as tmp:
+    work = Path(out).parent / f"{Path(out).name}.work"
+    if work.exists() and overwrite and not resume:
+        shutil.rmtree(work)
+    ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=work, resume=resume)
+    with atomic_dir(out, overwrite=overwrite or resume) as tmp:
         ctx.out_dir = tmp
         _run_stages(ctx, progress)
         _write_outputs(ctx, tmp, started)
+    shutil.rmtree(work, ignore_errors=True)
     ctx.out_dir = Path(out)
     return ctx
 

@@ -1,0 +1,112 @@
+"""Recipe step ``distill``: resolve the teacher and the student, prepare the training data
+and teacher signal, and run the :class:`~compactor.distill.trainer.Distiller`.
+
+After the step the recipe's current model is the trained student, so later steps (quantize,
+export) compress it. Progressive distillation is two ``distill`` steps, the second with
+``teacher: current``; self-distillation is ``teacher: current`` with ``student: random`` (born
+again) or ``student: current``.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from compactor.data.windows import windows_for
+from compactor.distill.config import DistillConfig
+from compactor.distill.student import Student, build_student, check_vocab, uniform_layer_map
+from compactor.distill.teacher import LiveTeacher, TopKCache, generate_windows, windows_digest
+from compactor.distill.trainer import Distiller, bf16_helps, state_digest
+from compactor.errors import CompactorError
+from compactor.registry import register
+
+
+def _teacher(ctx, cfg: DistillConfig):
+    """(teacher model, identity string)."""
+    if cfg.teacher == "original":
+        ref = ctx.reference() if ctx.recipe.reference is not None else None
+        if ref is None:
+            from compactor.models.load import load_model
+
+            ref = load_model(ctx.recipe.model)
+        return ref.model, ctx.recipe.model
+    if cfg.teacher == "current":
+        return copy.deepcopy(ctx.loaded.model).eval(), f"current@{ctx.stage}"
+    from compactor.models.load import load_model
+
+    loaded = load_model(cfg.teacher)
+    check_vocab(ctx.loaded.model, loaded.model, ctx.loaded.tokenizer, loaded.tokenizer)
+    return loaded.model, cfg.teacher
+
+
+def _student(ctx, cfg: DistillConfig, teacher) -> Student:
+    n_t = teacher.config.num_hidden_layers
+    if cfg.student == "current":
+        model = ctx.loaded.model
+        check_vocab(model, teacher)
+        origin = ctx.layer_origin if cfg.teacher == "original" else None
+        n_s = model.config.num_hidden_layers
+        layer_map = list(origin) if origin and len(origin) == n_s else uniform_layer_map(n_s, n_t)
+        return Student(model.train(), layer_map, ["the recipe's current model"])
+    return build_student(teacher, cfg.student, ctx.calib_windows(), ctx.loaded.adapter,
+                         ctx.loaded.tokenizer)
+
+
+def train_windows(ctx, cfg: DistillConfig, teacher, workdir: Path, progress: bool) -> torch.Tensor:
+    """The training windows; with ``sequence_kd`` the teacher's continuations of them
+    (generated once, kept in ``workdir`` for a resumed run)."""
+    win = windows_for(ctx.loaded.tokenizer, cfg.data, cfg.window)
+    ids = win.input_ids
+    if not cfg.sequence_kd:
+        return ids
+    from safetensors.torch import load_file, save_file
+
+    path = workdir / f"generated-{windows_digest(ids)}.safetensors"
+    if path.exists():
+        return load_file(str(path))["ids"]
+    need = min(len(ids), -(-cfg.tokens // cfg.window))  # one epoch of the budget is enough
+    gen = generate_windows(teacher, ids[:need], cfg.prompt_len, cfg.seed, progress=progress)
+    workdir.mkdir(parents=True, exist_ok=True)
+    save_file({"ids": gen.contiguous()}, str(path))
+    return gen
+
+
+def run_distill(ctx, cfg: DistillConfig, progress: bool = True):
+    """Run ``cfg`` in a recipe context; returns (student, TrainResult)."""
+    from compactor.io import home
+
+    teacher, teacher_id = _teacher(ctx, cfg)
+    student = _student(ctx, cfg, teacher)
+    workdir = ctx.work_dir / f"distill-{ctx.stage}"
+    ids = train_windows(ctx, cfg, teacher, workdir, progress)
+    autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_helps())
+    if cfg.signal == "cache":
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else home() / "teacher-cache" / (
+            f"{state_digest(teacher)}-{windows_digest(ids)}-k{cfg.top_k}")
+        signal = TopKCache(cache_dir, ids, cfg.top_k, f"{teacher_id}@{state_digest(teacher)}")
+        signal.build(teacher, cfg.micro_batch, autocast, progress)
+    else:
+        signal = LiveTeacher(teacher, autocast)
+    eval_win = windows_for(ctx.loaded.tokenizer, cfg.eval_data, cfg.window, max_tokens=cfg.eval_tokens)
+    trainer = Distiller(student, signal, cfg, ids, workdir, teacher_model=teacher, eval_windows=eval_win,
+                        progress=progress, identity={"teacher": f"{teacher_id}@{state_digest(teacher)}"})
+    result = trainer.train(resume=ctx.resume)
+    return student, result, trainer
+
+
+@register(DistillConfig, kind="model")
+def _distill(ctx, cfg: DistillConfig) -> None:
+    student, res, trainer = run_distill(ctx, cfg)
+    ctx.loaded.model = student.model.eval()
+    ctx.layer_origin = None
+    first = res.evals[0] if res.evals and res.resumed_from is None else None
+    ctx.reports.append({
+        "step": cfg.name, "student": student.description, "layer_map": student.layer_map,
+        "params": sum(p.numel() for p in student.model.parameters()),
+        "steps": res.steps, "tokens": res.tokens, "train_seconds": round(res.seconds, 1),
+        "train_tok_s": round(res.tokens_per_s, 1), "resumed_from": res.resumed_from,
+        "before": first, "after": res.evals[-1] if res.evals else None, "final_terms": res.final,
+        "precision": "bf16" if trainer.autocast else "fp32", "processes": trainer.world,
+    })

@@ -1,0 +1,154 @@
+"""The distillation trainer on tiny models: KD beats CE-only, accumulation and processes do
+not change the loss curve, a SIGKILLed run resumes exactly, checkpoints are bound to a run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from compactor.data.windows import make_windows
+from compactor.distill.teacher import LiveTeacher, TopKCache
+from compactor.distill.trainer import Distiller, lr_factor
+from compactor.errors import CompactorError
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+from tiny_run import pretrain, setup  # noqa: E402
+
+
+def _run(tmp, name, teacher=None, **over):
+    t0, student, cfg, ids = setup(**over)
+    if teacher is not None:
+        from compactor.distill.student import build_student
+
+        student = build_student(teacher, "layers:every-other", progress=False)
+    teacher = teacher or t0
+    ev = make_windows(ids[-16:].flatten(), 32)
+    tr = Distiller(student, LiveTeacher(teacher), cfg, ids[:-16], tmp / name, teacher_model=teacher,
+                   eval_windows=ev, progress=False)
+    losses = []
+    res = tr.train(on_step=lambda d, r: losses.append(r))
+    return tr, res, losses
+
+
+def test_kd_student_beats_ce_only_student(tmp_path):
+    teacher, _, _, ids = setup()
+    pretrain(teacher, ids[:-16])
+    common = dict(tokens=32 * 8 * 30, hidden_mse=0.0, checkpoint_every=0, eval_tokens=512, teacher=teacher)
+    _, ce, _ = _run(tmp_path, "ce", ce=1.0, kl=0.0, **common)
+    _, kd, _ = _run(tmp_path, "kd", ce=0.0, kl=1.0, **common)
+    before = ce.evals[0]["kld"]
+    assert kd.evals[0]["kld"] == pytest.approx(before)  # the same starting student
+    assert kd.evals[-1]["kld"] < ce.evals[-1]["kld"] < before
+    assert kd.tokens == ce.tokens == 32 * 8 * 30
+
+
+def test_gradient_accumulation_does_not_change_the_curve(tmp_path):
+    _, _, a = _run(tmp_path, "a", micro_batch=8, checkpoint_every=0)
+    _, _, b = _run(tmp_path, "b", micro_batch=2, checkpoint_every=0)
+    assert len(a) == len(b) == 10
+    for ra, rb in zip(a, b):
+        for k in ("loss", "ce", "kl", "hidden_mse"):
+            assert ra[k] == pytest.approx(rb[k], rel=1e-4, abs=1e-6)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 100, 10, 0.1) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+
+
+def _proc(args, env=None, check=True):
+    e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
+             OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(args, env=e, capture_output=True, text=True, check=check, timeout=600)
+
+
+def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
+    script = str(HERE / "tiny_run.py")
+    _proc([sys.executable, script, str(tmp_path / "full"), str(tmp_path / "full.st")])
+    killed = _proc([sys.executable, script, str(tmp_path / "cut"), str(tmp_path / "cut.st"), "--kill-at", "5"],
+                   check=False)
+    assert killed.returncode == -9 and not (tmp_path / "cut.st").exists()
+    # Without --resume the leftover checkpoints are not silently overwritten.
+    again = _proc([sys.executable, script, str(tmp_path / "cut"), str(tmp_path / "cut.st")], check=False)
+    assert again.returncode != 0 and "--resume" in again.stderr
+    _proc([sys.executable, script, str(tmp_path / "cut"), str(tmp_path / "cut.st"), "--resume"])
+    full, cut = load_file(str(tmp_path / "full.st")), load_file(str(tmp_path / "cut.st"))
+    assert json.loads((tmp_path / "cut.st.json").read_text())["resumed_from"] == 4
+    assert full.keys() == cut.keys()
+    for k in full:
+        assert torch.equal(full[k], cut[k]), k
+    # The log holds each step once, as if never interrupted.
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "cut" / "log.jsonl").read_text().splitlines()
+             if "loss" in ln]
+    assert steps == list(range(1, 11))
+
+
+def test_torchrun_two_processes_match_one(tmp_path):
+    script = str(HERE / "tiny_run.py")
+    _proc([sys.executable, script, str(tmp_path / "one"), str(tmp_path / "one.st"), "--micro-batch", "2"])
+    _proc([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           script, str(tmp_path / "two"), str(tmp_path / "two.st"), "--micro-batch", "2"])
+    one = json.loads((tmp_path / "one.st.json").read_text())["losses"]
+    two = json.loads((tmp_path / "two.st.json").read_text())["losses"]
+    assert len(one) == len(two) == 10
+    assert one == pytest.approx(two, rel=1e-4)
+    a, b = load_file(str(tmp_path / "one.st")), load_file(str(tmp_path / "two.st"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-4
+
+
+def test_checkpoint_of_another_run_is_refused(tmp_path):
+    teacher, student, cfg, ids = setup(tokens=32 * 8 * 2)
+    Distiller(student, LiveTeacher(teacher), cfg, ids, tmp_path, teacher_model=teacher, progress=False).train()
+    # Same workdir, a different learning rate: another run.
+    teacher, student, cfg2, ids = setup(tokens=32 * 8 * 2, lr=1e-3)
+    tr = Distiller(student, LiveTeacher(teacher), cfg2, ids, tmp_path, teacher_model=teacher, progress=False)
+    with pytest.raises(CompactorError, match="another run"):
+        tr.train(resume=True)
+
+
+def test_topk_cache_is_resumable_and_bound_to_its_windows(tmp_path):
+    teacher, student, cfg, ids = setup()
+    TopKCache.SHARD, saved = 16, TopKCache.SHARD
+    try:
+        c = TopKCache(tmp_path / "c", ids, 4, "t")
+        c.build(teacher, progress=False)
+        shard0 = (tmp_path / "c" / "shard_00000.npz")
+        mtime = shard0.stat().st_mtime_ns
+        (tmp_path / "c" / "shard_00001.npz").unlink()
+        TopKCache(tmp_path / "c", ids, 4, "t").build(teacher, progress=False)  # only the missing shard
+        assert shard0.stat().st_mtime_ns == mtime and (tmp_path / "c" / "shard_00001.npz").exists()
+        out = c.targets(ids[:3], torch.tensor([0, 17, 40]))
+        lp = torch.log_softmax(teacher(input_ids=ids[[0, 17, 40]]).logits, -1)
+        v, i = lp.topk(4, -1)
+        assert torch.equal(out.top_idx, i) and torch.allclose(out.top_logp, v, atol=2e-3)
+        with pytest.raises(CompactorError, match="windows"):
+            TopKCache(tmp_path / "c", ids[1:], 4, "t")
+        with pytest.raises(CompactorError, match="live"):
+            c.targets(ids[:1], torch.tensor([0]), hidden=True)
+    finally:
+        TopKCache.SHARD = saved
+
+
+def test_bad_budgets_and_batches(tmp_path):
+    from compactor.distill.config import DistillConfig
+    from compactor.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="tokens"):
+        DistillConfig(tokens=0)
+    with pytest.raises(ConfigError, match="multiple of micro_batch"):
+        DistillConfig(batch=6, micro_batch=4)
+    with pytest.raises(ConfigError, match="live"):
+        DistillConfig(signal="cache", hidden_mse=1.0)
+    with pytest.raises(ConfigError, match="nothing to train"):
+        DistillConfig(ce=0, kl=0)
+    teacher, student, cfg, ids = setup(tokens=10)
+    with pytest.raises(CompactorError, match="less than half of one step"):
+        Distiller(student, LiveTeacher(teacher), cfg, ids, tmp_path, teacher_model=teacher)
