@@ -92,11 +92,16 @@ def topk_forward_kl(student: torch.Tensor, top_idx: torch.Tensor, top_logp: torc
 
 def hidden_mse(student_h: torch.Tensor, teacher_h: torch.Tensor,
                projection: torch.nn.Module | None = None) -> torch.Tensor:
-    """Mean squared error per token between hidden states ``[..., d_s]`` and ``[..., d_t]``;
-    ``projection`` (a learned ``d_s -> d_t`` linear) maps the student into the teacher's space
-    when the widths differ (FitNets, Romero et al., 2015)."""
+    """Relative squared error per token, ``‖proj(h_s) − h_t‖² / ‖h_t‖²``, between hidden states
+    ``[..., d_s]`` and ``[..., d_t]``. ``projection`` (a learned ``d_s -> d_t`` linear, FitNets,
+    Romero et al., 2015) maps the student into the teacher's space when the widths differ.
+
+    Why relative: residual streams of LLMs carry a few huge "massive activation" dimensions
+    (raw MSE on SmolLM2 is ~2000 at init), which would swamp the logit terms; dividing by the
+    teacher's norm makes the term scale-free, comparable across layers and with the KL."""
     h = projection(student_h) if projection is not None else student_h
-    return (h.float() - teacher_h.float()).pow(2).mean(-1)
+    t = teacher_h.float()
+    return (h.float() - t).pow(2).sum(-1) / t.pow(2).sum(-1).clamp_min(1e-12)
 
 
 def hidden_cosine(student_h: torch.Tensor, teacher_h: torch.Tensor,

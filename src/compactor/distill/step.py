@@ -79,13 +79,14 @@ def run_distill(ctx, cfg: DistillConfig, progress: bool = True):
 
     teacher, teacher_id = _teacher(ctx, cfg)
     student = _student(ctx, cfg, teacher)
-    workdir = ctx.work_dir / f"distill-{ctx.stage}"
+    n_before = sum(r.get("step") == "distill" for r in ctx.reports)  # one workdir per distill step
+    workdir = ctx.work_dir / f"distill-{ctx.stage}-{n_before}"
     ids = train_windows(ctx, cfg, teacher, workdir, progress)
     autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_helps())
     if cfg.signal == "cache":
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else home() / "teacher-cache" / (
             f"{state_digest(teacher)}-{windows_digest(ids)}-k{cfg.top_k}")
-        signal = TopKCache(cache_dir, ids, cfg.top_k, f"{teacher_id}@{state_digest(teacher)}")
+        signal = TopKCache(cache_dir, ids, cfg.top_k, f"weights@{state_digest(teacher)}")
         signal.build(teacher, cfg.micro_batch, autocast, progress)
     else:
         signal = LiveTeacher(teacher, autocast)

@@ -128,6 +128,8 @@ def build_student(teacher, spec: str, windows=None, adapter=None, tokenizer=None
                 chosen = list(range(1, n, 2))
             else:
                 count = _fraction_or_count(bits[0], n, "layers")
+                if count >= n:
+                    raise CompactorError(f"student spec {part}: removing {count} of {n} layers would leave none")
                 metric = bits[1] if len(bits) > 1 else "block_influence"
                 if metric not in ("block_influence", "angular"):
                     raise CompactorError(f"student spec {part}: metric must be block_influence or angular")
@@ -140,11 +142,14 @@ def build_student(teacher, spec: str, windows=None, adapter=None, tokenizer=None
             layer_map = [m for i, m in enumerate(layer_map) if i not in set(chosen)]
             desc.append(f"dropped layers {chosen} of {n}")
         elif kind in ("channels", "heads"):
-            if windows is None:
-                raise CompactorError(f"student spec {part} needs calibration windows to rank units")
-            frac = float(arg) if arg else -1
+            try:
+                frac = float(arg)
+            except ValueError:
+                frac = -1.0
             if not 0 < frac < 1:
                 raise CompactorError(f"student spec {part}: give a fraction in (0, 1)")
+            if windows is None:
+                raise CompactorError(f"student spec {part} needs calibration windows to rank units")
             imp = unit_importance(model, windows, adapter, progress=progress)
             if kind == "channels":
                 width = model.config.intermediate_size

@@ -1,0 +1,116 @@
+"""Distillation on the real model: a half-depth SmolLM2 student, four objectives, one budget.
+
+    python bench/distill.py [--tokens 131072] [--rows ce,kd,kd+hidden,gjsd] [--resume]
+
+The student is SmolLM2-135M with 15 of its 30 decoder layers removed (the 15 lowest
+block-influence layers, measured on 32 windows of the Austen calibration split). Each row
+trains a fresh copy of that student on the Austen training split for the same number of
+tokens (same windows, same order, same optimizer and schedule) with:
+
+  ce         cross-entropy on the text only (the baseline)
+  kd         ½ CE + ½ forward KL to the live teacher (T = 1)
+  kd+hidden  kd + relative hidden-state MSE (each student layer vs the teacher layer it replaces)
+  gjsd       generalized JSD (β = ½) to the teacher, no CE
+
+PPL, and KLD / top-1 against the teacher, are measured before and after on the Austen
+evaluation split (never used for training or choices). tok/s counts training tokens per
+second including the teacher's forward. Rows are appended to bench/results/distill.json as
+they finish; a killed run continues from its trainer checkpoints with --resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+from _common import RESULTS, write_result
+
+from compactor.data.windows import windows_for
+from compactor.distill.config import DistillConfig
+from compactor.distill.student import Student
+from compactor.distill.teacher import LiveTeacher
+from compactor.distill.trainer import Distiller
+from compactor.models.load import load_model
+from compactor.prune.cuts import choose_layers
+from compactor.prune.structured import drop_layers
+
+ROWS = {
+    "ce": dict(ce=1.0, kl=0.0),
+    "kd": dict(ce=0.5, kl=0.5),
+    "kd+hidden": dict(ce=0.5, kl=0.5, hidden_mse=0.5),
+    "gjsd": dict(ce=0.0, kl=0.0, gjsd=1.0, beta=0.5),
+}
+JSON = RESULTS / "distill.json"
+WORK = Path(__file__).parent / "work" / "distill"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=131072)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--eval-tokens", type=int, default=16384)
+    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args()
+    done = {r["row"]: r for r in json.loads(JSON.read_text())} if (a.resume and JSON.exists()) else {}
+
+    teacher = load_model("smollm2-135m")
+    tok = teacher.tokenizer
+    calib = windows_for(tok, "austen:calib", 512, max_tokens=32 * 512)
+    n = teacher.model.config.num_hidden_layers
+    dropped = choose_layers(teacher.model, calib, n // 2, "block_influence", teacher.adapter)
+    kept = [i for i in range(n) if i not in dropped]
+    print("dropping layers", dropped)
+    ids = windows_for(tok, "austen:train", 256).input_ids
+    ev = windows_for(tok, "austen:eval", 256, max_tokens=a.eval_tokens)
+
+    rows = list(done.values())
+    for name in a.rows.split(","):
+        if name in done:
+            continue
+        student = copy.deepcopy(teacher.model)
+        drop_layers(student, dropped, teacher.adapter)
+        cfg = DistillConfig(**ROWS[name], tokens=a.tokens, window=256, batch=8, micro_batch=4, lr=a.lr,
+                            precision=a.precision, checkpoint_every=8, eval_tokens=a.eval_tokens)
+        work = WORK / name
+        tr = Distiller(Student(student, kept), LiveTeacher(teacher.model, cfg.precision != "fp32"), cfg, ids,
+                       work, teacher_model=teacher.model, eval_windows=ev)
+        res = tr.train(resume=work.exists())
+        before = next((r["before"] for r in rows if "before" in r), None) or res.evals[0]
+        row = {"row": name, "losses": ROWS[name], "tokens": res.tokens, "steps": res.steps,
+               "train_seconds": round(res.seconds, 1), "tok_s": round(res.tokens_per_s, 1),
+               "precision": "bf16" if tr.autocast else "fp32", "resumed_from": res.resumed_from,
+               "params": sum(p.numel() for p in student.parameters()),
+               "before": before, "after": res.evals[-1], "dropped": dropped}
+        rows.append(row)
+        JSON.write_text(json.dumps(rows, indent=1))
+        print(name, row["after"], row["tok_s"], flush=True)
+        del tr, student
+
+    ce = next((r for r in rows if r["row"] == "ce"), None)
+    b = rows[0]["before"]
+    lines = [f"Teacher: SmolLM2-135M-Instruct (dequantized bundled GGUF), {sum(p.numel() for p in teacher.model.parameters()):,} "
+             f"params, PPL {b['teacher_ppl']:.2f} on {b['tokens']:,} Austen eval tokens.  ",
+             f"Student: layers {rows[0]['dropped']} dropped (15 of 30, lowest block influence), "
+             f"{rows[0]['params']:,} params; before training PPL {b['ppl']:.2f}, KLD {b['kld']:.3f}, "
+             f"top-1 {100 * b['top1']:.1f} %.  ",
+             f"Budget per row: {rows[0]['tokens']:,} training tokens (Austen train split, 256-token windows, "
+             f"batch 8, AdamW lr {a.lr}, 5 % warm-up + cosine), {rows[0]['precision']} autocast.", "",
+             "| objective | PPL after | KLD vs teacher after | top-1 after | KLD / CE-only | train tok/s | wall |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        aft = r["after"]
+        ratio = f"{aft['kld'] / ce['after']['kld']:.2f}" if ce else "—"
+        lines.append(f"| {r['row']} | {aft['ppl']:.2f} | {aft['kld']:.3f} | {100 * aft['top1']:.1f} % | {ratio} "
+                     f"| {r['tok_s']:.0f} | {r['train_seconds'] / 60:.1f} min |")
+    write_result("distill", "Distillation: half-depth SmolLM2 student, CE vs KD vs KD+hidden vs GJSD",
+                 "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
