@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	# The CPU wheel of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	# llama-cpp-python compiles llama.cpp (~7 min on 2 cores the first time; pip caches the wheel).
-	$(PY) -m pip install -q -e '.[dev,llamacpp,ct,onnx,bench]'
+	$(PY) -m pip install -q -e '.[dev,llamacpp,ct,onnx,bench,lora]'
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -102,7 +102,8 @@ def main() -> None:
              f"Budget per row: {rows[0]['tokens']:,} training tokens (Austen train split, 256-token windows, "
              f"batch 8, AdamW lr {a.lr}, 5 % warm-up + cosine), {rows[0]['precision']} autocast.", "",
              "| objective | PPL after | KLD vs teacher after | top-1 after | KLD / CE-only | train tok/s | wall |",
-             "|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|",
+             f"| (student before training) | {b['ppl']:.2f} | {b['kld']:.3f} | {100 * b['top1']:.1f} % | — | — | — |"]
     for r in rows:
         aft = r["after"]
         ratio = f"{aft['kld'] / ce['after']['kld']:.2f}" if ce else "—"

@@ -82,7 +82,7 @@ def _run_one_stage(args, steps: list[dict], where: str):
 _DISTILL_KEYS = ("student", "ce", "kl", "reverse_kl", "gjsd", "beta", "tv", "hidden_mse", "hidden_cos",
                  "attention", "temperature", "signal", "top_k", "sequence_kd", "on_policy", "prompt_len",
                  "data", "tokens", "window", "batch", "micro_batch", "lr", "precision",
-                 "gradient_checkpointing", "seed", "eval_every", "checkpoint_every")
+                 "gradient_checkpointing", "lora_rank", "seed", "eval_every", "checkpoint_every")
 
 
 def cmd_distill(args) -> int:
@@ -303,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--prompt-len", type=int)
     d.add_argument("--precision", choices=["fp32", "bf16", "auto"])
     d.add_argument("--gradient-checkpointing", action="store_true", default=None)
+    d.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (peft), merged at the end")
     d.add_argument("--seed", type=int)
     d.add_argument("--eval-every", type=int)
     d.add_argument("--checkpoint-every", type=int)

@@ -152,3 +152,20 @@ def test_bad_budgets_and_batches(tmp_path):
     teacher, student, cfg, ids = setup(tokens=10)
     with pytest.raises(CompactorError, match="less than half of one step"):
         Distiller(student, LiveTeacher(teacher), cfg, ids, tmp_path, teacher_model=teacher)
+
+
+def test_lora_student_trains_adapters_and_merges_to_a_plain_model(tmp_path):
+    pytest.importorskip("peft")
+    teacher, student, cfg, ids = setup(lora_rank=4, hidden_mse=0.0, ce=0.0, kl=1.0, checkpoint_every=0)
+    base = {k: v.clone() for k, v in student.model.state_dict().items()}
+    ev = make_windows(ids[-16:].flatten(), 32)
+    tr = Distiller(student, LiveTeacher(teacher), cfg, ids[:-16], tmp_path, teacher_model=teacher,
+                   eval_windows=ev, progress=False)
+    trainable = [n for n, p in tr.net.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    res = tr.train()
+    assert type(student.model).__name__ == "LlamaForCausalLM" and not any("lora" in k for k in student.model.state_dict())
+    assert student.model.state_dict().keys() == base.keys()
+    assert any(not torch.equal(v, base[k]) for k, v in student.model.state_dict().items())
+    assert res.evals[-1]["kld"] < res.evals[0]["kld"]
+    assert tr.evaluate()["kld"] == pytest.approx(res.evals[-1]["kld"], rel=1e-4)  # merged == adapted

@@ -30,7 +30,7 @@ def setup(micro_batch: int = 2, **over):
     teacher = tiny_model(num_hidden_layers=4)
     student = build_student(teacher, "layers:every-other", progress=False)
     kw = dict(tokens=32 * 8 * 10, window=32, batch=8, micro_batch=micro_batch, lr=3e-3,
-              checkpoint_every=2, kl=0.5, ce=0.5, hidden_mse=0.1, eval_tokens=0)
+              checkpoint_every=2, kl=0.5, ce=0.5, hidden_mse=0.1, eval_tokens=0, precision="fp32")
     kw.update(over)
     return teacher, student, DistillConfig(**kw), ids
 

@@ -55,8 +55,9 @@ class DistillConfig(StepConfig):
     warmup: float = 0.05  # fraction of the steps
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    precision: Literal["fp32", "bf16", "auto"] = "auto"  # auto: bf16 autocast where the CPU has bf16 dot products
     gradient_checkpointing: bool = False
+    lora_rank: int = 0  # > 0: train LoRA adapters (peft) on every decoder linear, merged at the end
     seed: int = 0
     # bookkeeping
     eval_every: int = 0  # steps; 0 = only before and after
@@ -80,6 +81,7 @@ class DistillConfig(StepConfig):
         check(self.micro_batch >= 1 and self.batch >= 1, "distill.batch and micro_batch must be >= 1")
         check(self.batch % self.micro_batch == 0,
               f"distill.batch ({self.batch}) must be a multiple of micro_batch ({self.micro_batch})")
+        check(self.lora_rank >= 0, f"distill.lora_rank must be >= 0, got {self.lora_rank}")
         check(self.top_k >= 1, f"distill.top_k must be >= 1, got {self.top_k}")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "distill.lr must be > 0, min_lr_ratio in [0, 1]")
         check(0 <= self.warmup < 1, f"distill.warmup is a fraction of the steps in [0, 1), got {self.warmup}")

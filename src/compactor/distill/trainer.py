@@ -115,7 +115,10 @@ class Distiller:
         t_hidden = self.teacher_model.config.hidden_size if self.teacher_model is not None else student.model.config.hidden_size
         n_teacher = self.teacher_model.config.num_hidden_layers if self.teacher_model is not None else len(student.layer_map)
         student.model.requires_grad_(True)  # a copy of a frozen teacher starts frozen
-        torch.manual_seed(cfg.seed)  # projections' init
+        torch.manual_seed(cfg.seed)  # projections' and adapters' init
+        if cfg.lora_rank:
+            student.model = _with_lora(student.model, cfg.lora_rank)
+        self.student = student
         self.net = StudentWithHeads(student.model, t_hidden, student.layer_map, cfg.needs_hidden).train()
         self.t_index = teacher_hidden_index(student.layer_map, n_teacher)
         self.fingerprint = self._fingerprint(identity or {})
@@ -314,6 +317,8 @@ class Distiller:
             self._log(log_path, {"eval": e})
         secs = time.perf_counter() - t0
         tokens = (self.step - start_step) * self.cfg.batch * self.window
+        if self.cfg.lora_rank:  # fold the adapters in: the result is a plain transformers model
+            self.student.model = self.net.model = self.net.model.merge_and_unload()
         self.net.model.eval()
         return TrainResult(self.step, self.step * self.cfg.batch * self.window, secs,
                            tokens / secs if secs else 0.0, rec, evals, self.resumed_from)
@@ -335,6 +340,17 @@ class Distiller:
         """Remove the checkpoints once the caller has saved the final model."""
         if self.rank == 0:
             shutil.rmtree(self.ckpt_root, ignore_errors=True)
+
+
+def _with_lora(model, rank: int):
+    """Wrap ``model`` with LoRA adapters (Hu et al., 2021, arXiv:2106.09685) on every decoder
+    linear; only the adapters train. B starts at zero, so the wrapped model starts unchanged."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise CompactorError("distill.lora_rank needs peft: pip install 'compactor[lora]'") from None
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules="all-linear"))
 
 
 class _NoTeacher:
