@@ -97,6 +97,8 @@ def cmd_distill(args) -> int:
             "stages": [{"name": "distill", "steps": [{"distill": {"teacher": "original", **step}}]}]}
     ctx = run_recipe(Recipe.from_dict(data, where="compactor distill"), out=args.out,
                      overwrite=args.force, resume=args.resume)
+    if ctx.out_dir is None:
+        return 0  # a torchrun worker other than rank 0: rank 0 reports and writes
     rep = next(r for r in ctx.reports if r["step"] == "distill")
     before, after = rep["before"], rep["after"]
     print(f"student: {'; '.join(rep['student'])}, {rep['params']:,} params")

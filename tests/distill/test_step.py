@@ -100,3 +100,23 @@ def test_vocabulary_mismatch_refused(tiny, tmp_path, tok):
     tok.save_pretrained(d)
     with pytest.raises(CompactorError, match="vocabulary mismatch"):
         build_student(tiny, str(d))
+
+
+def test_cli_distill_under_torchrun_writes_once(tiny_dir, text_file, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                        "--master_port", "29519", "-m", "compactor.cli", "distill", "--teacher", str(tiny_dir),
+                        "--student", "layers:1", "--data", str(text_file), "--calib-data", str(text_file),
+                        "--eval-data", str(text_file), "--eval-tokens", "256", "--tokens", "1024",
+                        "--window", "64", "--batch", "4", "--micro-batch", "2", "--no-speed", "--out", str(out)],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("wrote ") == 1 and "2 process(es)" in r.stdout
+    rep = next(x for x in json.loads((out / "provenance.json").read_text())["reports"] if x["step"] == "distill")
+    assert rep["processes"] == 2 and rep["steps"] == 4
+    assert not (tmp_path / "ddp.work").exists()

@@ -6,6 +6,7 @@ after each stage against the original, and write a self-describing output direct
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import tempfile
@@ -115,6 +116,12 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
             _run_stages(ctx, progress)
         return ctx
     work = Path(out).parent / f"{Path(out).name}.work"
+    if int(os.environ.get("RANK", "0")) != 0:
+        # Under torchrun only rank 0 writes; the others train alongside and share work_dir
+        # (rank 0's checkpoints) so that --resume restores every process.
+        ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=work, resume=resume)
+        _run_stages(ctx, progress)
+        return ctx
     if work.exists() and overwrite and not resume:
         shutil.rmtree(work)
     ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=work, resume=resume)
