@@ -120,3 +120,26 @@ def test_cli_distill_under_torchrun_writes_once(tiny_dir, text_file, tmp_path):
     rep = next(x for x in json.loads((out / "provenance.json").read_text())["reports"] if x["step"] == "distill")
     assert rep["processes"] == 2 and rep["steps"] == 4
     assert not (tmp_path / "ddp.work").exists()
+
+
+def test_sequence_kd_on_policy_and_checkpointing_options_run(tiny_dir, text_file, tmp_path):
+    from compactor.data.windows import windows_for
+    from compactor.distill.teacher import generate_windows
+    from compactor.models.tiny import tiny_model, tiny_tokenizer
+
+    teacher = tiny_model()
+    ids = windows_for(tiny_tokenizer(), str(text_file), 64).input_ids[:3]
+    gen = generate_windows(teacher, ids, 16, seed=0, progress=False)
+    assert gen.shape == ids.shape and torch.equal(gen[:, :16], ids[:, :16]) and not torch.equal(gen, ids)
+    assert torch.equal(gen, generate_windows(teacher, ids, 16, seed=0, progress=False))  # seeded
+
+    r = _recipe(tiny_dir, text_file, [_distill(data=str(text_file), student="same", sequence_kd=True,
+                                               prompt_len=16)])
+    ctx = run_recipe(r, out=tmp_path / "seq")
+    assert next(x for x in ctx.reports if x["step"] == "distill")["steps"] == 3
+    r = _recipe(tiny_dir, text_file, [_distill(data=str(text_file), student="same", on_policy=1.0, prompt_len=16,
+                                               gradient_checkpointing=True, eval_every=1)])
+    ctx = run_recipe(r)
+    rep = next(x for x in ctx.reports if x["step"] == "distill")
+    assert rep["steps"] == 3 and rep["final_terms"]["kl"] > 0
+    assert [e["step"] for e in rep["evals"]] == [0, 1, 2, 3]

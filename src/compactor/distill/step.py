@@ -108,6 +108,6 @@ def _distill(ctx, cfg: DistillConfig) -> None:
         "params": sum(p.numel() for p in student.model.parameters()),
         "steps": res.steps, "tokens": res.tokens, "train_seconds": round(res.seconds, 1),
         "train_tok_s": round(res.tokens_per_s, 1), "resumed_from": res.resumed_from,
-        "before": first, "after": res.evals[-1] if res.evals else None, "final_terms": res.final,
+        "before": first, "after": res.evals[-1] if res.evals else None, "final_terms": res.final, "evals": res.evals,
         "precision": "bf16" if trainer.autocast else "fp32", "processes": trainer.world,
     })

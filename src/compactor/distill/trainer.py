@@ -111,7 +111,11 @@ class Distiller:
             for m in (student.model, self.teacher_model):
                 m.set_attn_implementation("eager")
         if cfg.gradient_checkpointing:
-            student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            kw = {"use_reentrant": False}
+            if hasattr(student.model, "activation_checkpointing_enable"):  # the transformers 5.x name
+                student.model.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+            else:
+                student.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         t_hidden = self.teacher_model.config.hidden_size if self.teacher_model is not None else student.model.config.hidden_size
         n_teacher = self.teacher_model.config.num_hidden_layers if self.teacher_model is not None else len(student.layer_map)
         student.model.requires_grad_(True)  # a copy of a frozen teacher starts frozen
