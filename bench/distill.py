@@ -23,10 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 from pathlib import Path
 
-import torch
 from _common import RESULTS, write_result
 
 from compactor.data.windows import windows_for

@@ -91,11 +91,15 @@ def test_sigkilled_run_resumes_to_identical_weights(tmp_path):
     assert steps == list(range(1, 11))
 
 
-def test_torchrun_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("strategy, port", [("ddp", "29517"), ("fsdp", "29518")])
+def test_torchrun_two_processes_match_one(tmp_path, strategy, port):
     script = str(HERE / "tiny_run.py")
     _proc([sys.executable, script, str(tmp_path / "one"), str(tmp_path / "one.st"), "--micro-batch", "2"])
-    _proc([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-           script, str(tmp_path / "two"), str(tmp_path / "two.st"), "--micro-batch", "2"])
+    _proc([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           script, str(tmp_path / "two"), str(tmp_path / "two.st"), "--micro-batch", "2", "--strategy", strategy])
+    # Checkpoints were written (collectively under FSDP) with whole tensors.
+    ck = sorted((tmp_path / "two" / "checkpoints").glob("step_*"))
+    assert ck and load_file(str(ck[-1] / "student.safetensors"))["model.model.embed_tokens.weight"].shape == (258, 64)
     one = json.loads((tmp_path / "one.st.json").read_text())["losses"]
     two = json.loads((tmp_path / "two.st.json").read_text())["losses"]
     assert len(one) == len(two) == 10

@@ -55,11 +55,12 @@ def main() -> int:
     ap.add_argument("--kill-at", type=int, default=None)
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--micro-batch", type=int, default=2)
+    ap.add_argument("--strategy", default="ddp")
     a = ap.parse_args()
     from compactor.distill.teacher import LiveTeacher
     from compactor.distill.trainer import Distiller
 
-    teacher, student, cfg, ids = setup(a.micro_batch)
+    teacher, student, cfg, ids = setup(a.micro_batch, strategy=a.strategy)
     tr = Distiller(student, LiveTeacher(teacher), cfg, ids, a.workdir, teacher_model=teacher, progress=False)
     losses = []
 
@@ -72,7 +73,7 @@ def main() -> int:
     if tr.rank == 0:
         from safetensors.torch import save_file
 
-        save_file({k: v.detach().clone().contiguous() for k, v in tr.net.state_dict().items()}, a.out)
+        save_file({k: v.detach().clone().contiguous() for k, v in tr.student.model.state_dict().items()}, a.out)
         with open(a.out + ".json", "w") as f:
             json.dump({"losses": losses, "resumed_from": tr.resumed_from}, f)
     return 0

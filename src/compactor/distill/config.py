@@ -57,6 +57,7 @@ class DistillConfig(StepConfig):
     grad_clip: float = 1.0
     precision: Literal["fp32", "bf16", "auto"] = "auto"  # auto: bf16 autocast where the CPU has bf16 dot products
     gradient_checkpointing: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate, or shard the student
     lora_rank: int = 0  # > 0: train LoRA adapters (peft) on every decoder linear, merged at the end
     seed: int = 0
     # bookkeeping
@@ -81,6 +82,7 @@ class DistillConfig(StepConfig):
         check(self.micro_batch >= 1 and self.batch >= 1, "distill.batch and micro_batch must be >= 1")
         check(self.batch % self.micro_batch == 0,
               f"distill.batch ({self.batch}) must be a multiple of micro_batch ({self.micro_batch})")
+        check(not (self.strategy == "fsdp" and self.lora_rank), "distill: LoRA with FSDP is not supported; use ddp")
         check(self.lora_rank >= 0, f"distill.lora_rank must be >= 0, got {self.lora_rank}")
         check(self.top_k >= 1, f"distill.top_k must be >= 1, got {self.top_k}")
         check(self.lr > 0 and 0 <= self.min_lr_ratio <= 1, "distill.lr must be > 0, min_lr_ratio in [0, 1]")

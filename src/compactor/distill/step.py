@@ -19,7 +19,6 @@ from compactor.distill.config import DistillConfig
 from compactor.distill.student import Student, build_student, check_vocab, uniform_layer_map
 from compactor.distill.teacher import LiveTeacher, TopKCache, generate_windows, windows_digest
 from compactor.distill.trainer import Distiller, bf16_helps, state_digest
-from compactor.errors import CompactorError
 from compactor.registry import register
 
 

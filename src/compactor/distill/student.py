@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-import torch
 
 from compactor.errors import CompactorError
 

@@ -10,11 +10,9 @@ scheduler and RNG state, and a resumed run repeats the uninterrupted one exactly
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -24,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from compactor.distill.config import DistillConfig
-from compactor.distill.objective import StudentWithHeads, teacher_hidden_index, term_sums, weighted_total
+from compactor.distill.parallel import Parallel, dist_info
+from compactor.distill.objective import FEATURE_TERMS, StudentWithHeads, teacher_hidden_index, term_sums, weighted_total
 from compactor.distill.student import Student
 from compactor.distill.teacher import sample_continuations, windows_digest
 from compactor.errors import CompactorError
@@ -44,14 +43,6 @@ class TrainResult:
     final: dict = field(default_factory=dict)
     evals: list[dict] = field(default_factory=list)
     resumed_from: int | None = None
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises a gloo process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -126,7 +117,10 @@ class Distiller:
         self.net = StudentWithHeads(student.model, t_hidden, student.layer_map, cfg.needs_hidden).train()
         self.t_index = teacher_hidden_index(student.layer_map, n_teacher)
         self.fingerprint = self._fingerprint(identity or {})
-        self.ddp = (torch.nn.parallel.DistributedDataParallel(self.net) if self.world > 1 else None)
+        from compactor.models.adapters import adapter_for, decoder_layers
+
+        layers = decoder_layers(student.model, adapter_for(student.model)) if cfg.strategy == "fsdp" else None
+        self.par = Parallel(self.net, cfg.strategy, self.world, self.rank, layers)
         self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                      betas=(0.9, 0.95))
         warm = int(cfg.warmup * self.total_steps)
@@ -153,16 +147,19 @@ class Distiller:
         return sorted(p for p in self.ckpt_root.glob("step_*") if (p / "state.json").exists())
 
     def save_checkpoint(self) -> None:
-        if self.rank != 0:
+        if self.rank != 0 and not self.par.collective_io:
             return
         from safetensors.torch import save_file
 
+        model_sd, opt_sd = self.par.full_state(self.opt)  # collective under FSDP
+        if self.rank != 0:
+            return
         dest = self.ckpt_root / f"step_{self.step:07d}"
         with atomic_dir(dest, overwrite=True) as tmp:
             # Tied weights share storage; safetensors wants one tensor per name, so clone.
-            save_file({k: v.detach().clone().contiguous() for k, v in self.net.state_dict().items()},
+            save_file({k: v.detach().clone().contiguous() for k, v in model_sd.items()},
                       str(tmp / "student.safetensors"))
-            torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+            torch.save({"optimizer": opt_sd, "scheduler": self.sched.state_dict(),
                         "rng": torch.get_rng_state()}, tmp / "optim.pt")
             (tmp / "state.json").write_text(json.dumps({"step": self.step, "fingerprint": self.fingerprint,
                                                          "total_steps": self.total_steps}))
@@ -176,9 +173,8 @@ class Distiller:
         if state.get("fingerprint") != self.fingerprint:
             raise CompactorError(f"{path}: checkpoint belongs to another run (different student, teacher, data "
                                  "or settings); use another --out or start over with --force")
-        self.net.load_state_dict(load_file(str(path / "student.safetensors")))
         extra = torch.load(path / "optim.pt", weights_only=True)
-        self.opt.load_state_dict(extra["optimizer"])
+        self.par.load_full_state(load_file(str(path / "student.safetensors")), self.opt, extra["optimizer"])
         self.sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
         self.step = self.resumed_from = state["step"]
@@ -232,17 +228,16 @@ class Distiller:
         need_t = cfg.needs_teacher_logits or cfg.needs_hidden or cfg.attention > 0
         self.opt.zero_grad(set_to_none=True)
         sums: dict[str, float] = {}
-        net = self.ddp or self.net
+        net = self.par.wrapped
         for j, (w, ids, mask) in enumerate(mbs):
             t = self.signal.targets(ids, w, hidden=cfg.needs_hidden, attentions=cfg.attention > 0) if need_t else None
             last = j == len(mbs) - 1
-            ctx = net.no_sync() if (self.ddp is not None and not last) else contextlib.nullcontext()
-            with ctx:
+            with self.par.sync_context(last):
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.autocast):
                     logits, hs, atts = net(ids, hidden=cfg.needs_hidden, attentions=cfg.attention > 0)
                 terms = term_sums(cfg, logits, hs, atts, t or _NO_TEACHER, ids, mask, self.t_index)
                 loss = weighted_total(cfg, terms, n_tok, n_pos)
-                # DDP averages gradients over processes; the sums are already global-normalised.
+                # DDP/FSDP average gradients over processes; the sums are already global-normalised.
                 (loss * self.world).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach())
@@ -252,8 +247,6 @@ class Distiller:
         self.sched.step()
         keys = sorted(sums)
         vals = self._all_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-        from compactor.distill.objective import FEATURE_TERMS
-
         rec = {k: float(v) / (n_pos if k in FEATURE_TERMS else n_tok) for k, v in zip(keys, vals)}
         rec["loss"] = sum(getattr(cfg, k) * v for k, v in rec.items())
         self.step += 1
@@ -261,7 +254,7 @@ class Distiller:
 
     def evaluate(self) -> dict:
         """PPL of the student and its KLD / top-1 agreement vs the teacher on held-out windows."""
-        if self.eval_windows is None or self.rank != 0:
+        if self.eval_windows is None or (self.rank != 0 and not self.par.collective_io):
             return {}
         from compactor.evaluate.harness import evaluate
 
@@ -274,6 +267,8 @@ class Distiller:
         res = evaluate(self.net.model, self.eval_windows, reference=ref, speed=False, name="student",
                        progress=False)
         self.net.train()
+        if self.rank != 0:
+            return {}  # FSDP: the other processes only took part in the forwards
         return {"step": self.step, "ppl": res.ppl, "kld": res.kld_mean, "top1": res.top1,
                 "teacher_ppl": res.ref_ppl, "tokens": res.tokens}
 
@@ -321,6 +316,8 @@ class Distiller:
             self._log(log_path, {"eval": e})
         secs = time.perf_counter() - t0
         tokens = (self.step - start_step) * self.cfg.batch * self.window
+        if self.par.sharded:  # gather the shards into an ordinary model
+            self.student.model = self.net.model = self.par.plain_model(self.net.model)
         if self.cfg.lora_rank:  # fold the adapters in: the result is a plain transformers model
             self.student.model = self.net.model = self.net.model.merge_and_unload()
         self.net.model.eval()
