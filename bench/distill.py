@@ -23,6 +23,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import tempfile
+import time
 from pathlib import Path
 
 from _common import RESULTS, write_result
@@ -54,6 +56,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--speed-steps", type=int, default=0,
+                    help="only measure training tok/s: this many steps of each row, back to back")
     a = ap.parse_args()
     done = {r["row"]: r for r in json.loads(JSON.read_text())} if (a.resume and JSON.exists()) else {}
 
@@ -67,6 +71,8 @@ def main() -> None:
     ids = windows_for(tok, "austen:train", 256).input_ids
     ev = windows_for(tok, "austen:eval", 256, max_tokens=a.eval_tokens)
 
+    if a.speed_steps:
+        return speed_only(teacher, dropped, kept, ids, a)
     rows = list(done.values())
     for name in a.rows.split(","):
         if name in done:
@@ -109,6 +115,33 @@ def main() -> None:
                      f"| {r['tok_s']:.0f} | {r['train_seconds'] / 60:.1f} min |")
     write_result("distill", "Distillation: half-depth SmolLM2 student, CE vs KD vs KD+hidden vs GJSD",
                  "\n".join(lines))
+
+
+def speed_only(teacher, dropped, kept, ids, a) -> None:
+    """Training tok/s of every row (and fp32 vs bf16 for kd), measured back to back in one
+    process on the same windows: the ratios are the figure, the machine being shared."""
+    out = {}
+    for name, prec in [(r, a.precision) for r in a.rows.split(",")] + [("kd", "fp32")]:
+        student = copy.deepcopy(teacher.model)
+        drop_layers(student, dropped, teacher.adapter)
+        cfg = DistillConfig(**ROWS[name], tokens=(a.speed_steps + 1) * 8 * 256, window=256, batch=8, micro_batch=4,
+                            lr=a.lr, precision=prec, checkpoint_every=0, eval_tokens=0)
+        with tempfile.TemporaryDirectory() as work:
+            tr = Distiller(Student(student, kept), LiveTeacher(teacher.model, prec != "fp32"), cfg, ids, work,
+                           teacher_model=teacher.model, progress=False)
+            tr.train_step()  # warm-up step, not timed
+            t0 = time.perf_counter()
+            for _ in range(a.speed_steps):
+                tr.train_step()
+            out[f"{name} ({'bf16' if tr.autocast else 'fp32'})"] = a.speed_steps * 8 * 256 / (time.perf_counter() - t0)
+        print(out, flush=True)
+    base = out[next(iter(out))]
+    lines = ["| objective (precision) | train tok/s | ratio to the first row |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.0f} | {v / base:.2f} |" for k, v in out.items()]
+    write_result("distill_speed", "Distillation training speed, half-depth SmolLM2 student",
+                 f"{a.speed_steps} steps of 8 × 256 tokens per row after one warm-up step, rows back to back "
+                 "in one process (tok/s counts training tokens and includes the teacher's forward).\n\n"
+                 + "\n".join(lines))
 
 
 if __name__ == "__main__":
