@@ -54,7 +54,7 @@ def generalized_jsd(student: torch.Tensor, teacher: torch.Tensor, beta: float = 
         return reverse_kl(student, teacher, temperature)
     lp, lq = _logp(teacher, temperature), _logp(student, temperature)
     # log M = log(β·P + (1−β)·Q), computed in log space for stability.
-    lm = torch.logsumexp(torch.stack([lp + math.log(beta), lq + math.log(1 - beta)]), dim=0)
+    lm = torch.logaddexp(lp + math.log(beta), lq + math.log(1 - beta))
     kl_pm = (lp.exp() * (lp - lm)).sum(-1)
     kl_qm = (lq.exp() * (lq - lm)).sum(-1)
     return beta * kl_pm + (1 - beta) * kl_qm
