@@ -67,7 +67,8 @@ def main() -> None:
                          adam_beta2=0.95, weight_decay=0.0, max_grad_norm=1.0, max_steps=steps,
                          lmbda=0.0, beta=0.5, seq_kd=False, use_cpu=True, bf16=ours["precision"] == "bf16",
                          report_to=[], save_strategy="no", logging_steps=8, seed=0,
-                         dataloader_num_workers=0, max_length=256)
+                         dataloader_num_workers=0, max_length=256,
+                         gradient_checkpointing=False)  # SFTConfig turns it on by default; ours is off
         trainer = GKDTrainer(model=student, teacher_model=teacher.model, args=args, train_dataset=ds,
                              data_collator=collate, processing_class=tok)
         t0 = time.perf_counter()
