@@ -56,10 +56,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--table-only", action="store_true", help="only rewrite distill.md from distill.json")
     ap.add_argument("--speed-steps", type=int, default=0,
                     help="only measure training tok/s: this many steps of each row, back to back")
     a = ap.parse_args()
     done = {r["row"]: r for r in json.loads(JSON.read_text())} if (a.resume and JSON.exists()) else {}
+    if a.table_only:
+        return render(list(done.values()), a.lr)
 
     teacher = load_model("smollm2-135m")
     tok = teacher.tokenizer
@@ -96,15 +99,20 @@ def main() -> None:
         print(name, row["after"], row["tok_s"], flush=True)
         del tr, student
 
+    render(rows, a.lr)
+
+
+def render(rows: list[dict], lr: float) -> None:
+    """Write bench/results/distill.md from the rows."""
     ce = next((r for r in rows if r["row"] == "ce"), None)
     b = rows[0]["before"]
-    lines = [f"Teacher: SmolLM2-135M-Instruct (dequantized bundled GGUF), {sum(p.numel() for p in teacher.model.parameters()):,} "
+    lines = [f"Teacher: SmolLM2-135M-Instruct (dequantized bundled GGUF), 134,515,008 "
              f"params, PPL {b['teacher_ppl']:.2f} on {b['tokens']:,} Austen eval tokens.  ",
              f"Student: layers {rows[0]['dropped']} dropped (15 of 30, lowest block influence), "
              f"{rows[0]['params']:,} params; before training PPL {b['ppl']:.2f}, KLD {b['kld']:.3f}, "
              f"top-1 {100 * b['top1']:.1f} %.  ",
              f"Budget per row: {rows[0]['tokens']:,} training tokens (Austen train split, 256-token windows, "
-             f"batch 8, AdamW lr {a.lr}, 5 % warm-up + cosine), {rows[0]['precision']} autocast.", "",
+             f"batch 8, AdamW lr {lr}, 5 % warm-up + cosine), {rows[0]['precision']} autocast.", "",
              "| objective | PPL after | KLD vs teacher after | top-1 after | KLD / CE-only | train tok/s | wall |",
              "|---|---|---|---|---|---|---|",
              f"| (student before training) | {b['ppl']:.2f} | {b['kld']:.3f} | {100 * b['top1']:.1f} % | — | — | — |"]
@@ -113,6 +121,9 @@ def main() -> None:
         ratio = f"{aft['kld'] / ce['after']['kld']:.2f}" if ce else "—"
         lines.append(f"| {r['row']} | {aft['ppl']:.2f} | {aft['kld']:.3f} | {100 * aft['top1']:.1f} % | {ratio} "
                      f"| {r['tok_s']:.0f} | {r['train_seconds'] / 60:.1f} min |")
+    notes = [f"* {r['row']}: {r['note']}" for r in rows if r.get("note")]
+    if notes:
+        lines += ["", "Conditions:", ""] + notes
     write_result("distill", "Distillation: half-depth SmolLM2 student, CE vs KD vs KD+hidden vs GJSD",
                  "\n".join(lines))
 
