@@ -76,7 +76,8 @@ def main() -> None:
         secs = time.perf_counter() - t0
     student.eval()
     ev = windows_for(tok, "austen:eval", 256, max_tokens=a.eval_tokens)
-    ref = CachedBackend(TorchBackend(teacher.model, "teacher"), half=True)
+    # A fresh teacher for scoring: accelerate prepares the training teacher in place.
+    ref = CachedBackend(TorchBackend(load_model("smollm2-135m").model, "teacher"), half=True)
     res = evaluate(student, ev, reference=ref, speed=False, name="trl-gkd", progress=False)
     row = {"row": f"TRL {trl.__version__} GKD (λ=0, β=½)", "losses": {"gjsd": 1.0, "beta": 0.5},
            "tokens": steps * 8 * 256, "steps": steps, "train_seconds": round(secs, 1),
