@@ -133,6 +133,7 @@ def main() -> None:
         print(json.dumps(rec), flush=True)
         _write(rows, win, calib)
         del model
+    _write(rows, win, calib)  # also re-renders rows added by bench/prune_llmcompressor.py
 
 
 def _write(rows, win, calib) -> None:
@@ -160,10 +161,15 @@ def _write(rows, win, calib) -> None:
         f"Evaluation: Austen eval split (Persuasion), {len(win)} × 512 tokens, no BOS; reference PPL "
         f"{ref_ppl:.3f}. Calibration: Austen calib split, {len(calib)} × 512 tokens. Unstructured/N:M "
         "rows prune the decoder linears (embedding and tied head untouched); sparsity is measured over them. "
-        "With dense kernels these zeros give no CPU speed-up; only structured cuts make the model faster.\n\n"
+        "With dense kernels these zeros give no CPU speed-up; only structured cuts make the model faster. "
+        "Rows named llm-compressor come from bench/prune_llmcompressor.py (its own venv: it pins "
+        "transformers <= 5.17) on the same reference, calibration and evaluation windows, scored by the "
+        "same harness. Wall times are single runs on a shared 2-core VM: compare them loosely.\n\n"
         "| method | params (M) | sparsity | PPL | KLD mean | KLD p99 | top-1 % | seconds |\n"
         "|---|---|---|---|---|---|---|---|\n" + "\n".join(q) +
         "\n\n## Speed of the structured cuts (ratio to the original, same run, 2 threads)\n\n" + orig_speed +
+        "Medians of 3; on this shared VM repeated measurements of one model differ by up to ~30 %, so ratios "
+        "within that band of 1 are noise.\n\n" +
         "| cut | torch prefill | torch decode | llama.cpp prefill | llama.cpp decode |\n|---|---|---|---|---|\n"
         + "\n".join(s) + "\n")
     write_result("prune", "Pruning quality (SmolLM2-135M)", body)
