@@ -113,7 +113,7 @@ def render(rows: list[dict], lr: float) -> None:
              f"top-1 {100 * b['top1']:.1f} %.  ",
              f"Budget per row: {rows[0]['tokens']:,} training tokens (Austen train split, 256-token windows, "
              f"batch 8, AdamW lr {lr}, 5 % warm-up + cosine), {rows[0]['precision']} autocast.", "",
-             "| objective | PPL after | KLD vs teacher after | top-1 after | KLD / CE-only | train tok/s | wall |",
+             "| objective | PPL after | KLD vs teacher after | top-1 after | KLD / CE-only | tok/s over the run's wall time | wall |",
              "|---|---|---|---|---|---|---|",
              f"| (student before training) | {b['ppl']:.2f} | {b['kld']:.3f} | {100 * b['top1']:.1f} % | — | — | — |"]
     for r in rows:
@@ -121,6 +121,9 @@ def render(rows: list[dict], lr: float) -> None:
         ratio = f"{aft['kld'] / ce['after']['kld']:.2f}" if ce else "—"
         lines.append(f"| {r['row']} | {aft['ppl']:.2f} | {aft['kld']:.3f} | {100 * aft['top1']:.1f} % | {ratio} "
                      f"| {r['tok_s']:.0f} | {r['train_seconds'] / 60:.1f} min |")
+    lines += ["", "The tok/s column divides training tokens by the whole run's wall time, which here includes "
+              "the before/after evaluations (16k tokens, student and teacher) and 8 checkpoint writes; "
+              "`distill_speed.md` has the step throughput of each objective measured back to back."]
     notes = [f"* {r['row']}: {r['note']}" for r in rows if r.get("note")]
     if notes:
         lines += ["", "Conditions:", ""] + notes

@@ -290,12 +290,13 @@ class Distiller:
         evals = [] if self.resumed_from else [e for e in [self.evaluate()] if e]
         if evals:
             self._log(log_path, {"eval": evals[-1]})
-        t0, start_step, rec = time.perf_counter(), self.step, {}
+        t0, start_step, rec, step_secs = time.perf_counter(), self.step, {}, 0.0
         bar = tqdm(total=self.total_steps, initial=self.step, desc="distill", unit="step",
                    disable=not self.progress or self.rank != 0)
         while self.step < self.total_steps:
             t1 = time.perf_counter()
             rec = self.train_step()
+            step_secs += time.perf_counter() - t1
             rec.update(step=self.step, lr=self.sched.get_last_lr()[0],
                        tok_s=self.cfg.batch * self.window / (time.perf_counter() - t1))
             self._log(log_path, rec)
@@ -321,8 +322,9 @@ class Distiller:
         if self.cfg.lora_rank:  # fold the adapters in: the result is a plain transformers model
             self.student.model = self.net.model = self.net.model.merge_and_unload()
         self.net.model.eval()
+        # tok/s counts optimizer steps only (evaluations and checkpoint writes excluded).
         return TrainResult(self.step, self.step * self.cfg.batch * self.window, secs,
-                           tokens / secs if secs else 0.0, rec, evals, self.resumed_from)
+                           tokens / step_secs if step_secs else 0.0, rec, evals, self.resumed_from)
 
     def _log(self, path: Path, rec: dict) -> None:
         if self.rank == 0:
