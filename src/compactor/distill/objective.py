@@ -90,9 +90,12 @@ def term_sums(cfg: DistillConfig, logits: torch.Tensor, hs, atts, t: TeacherOut,
 FEATURE_TERMS = ("hidden_mse", "hidden_cos", "attention")
 
 
-def weighted_total(cfg: DistillConfig, sums: dict[str, torch.Tensor], n_tok: float, n_pos: float) -> torch.Tensor:
-    """``Σ weight · sum / count`` over the active terms (counts of the whole optimizer step)."""
-    total = 0.0
-    for k, v in sums.items():
-        total = total + getattr(cfg, k) * v / (n_pos if k in FEATURE_TERMS else n_tok)
-    return total
+def term_means(sums: dict, n_tok: float, n_pos: float) -> dict:
+    """Each term's sum divided by its count over the whole optimizer step (feature terms count
+    positions, logit terms count predicted tokens)."""
+    return {k: v / (n_pos if k in FEATURE_TERMS else n_tok) for k, v in sums.items()}
+
+
+def weighted_total(cfg: DistillConfig, sums: dict, n_tok: float, n_pos: float):
+    """``Σ weight · sum / count`` over the active terms (tensors for backward, floats for logs)."""
+    return sum(getattr(cfg, k) * v for k, v in term_means(sums, n_tok, n_pos).items())

@@ -18,14 +18,15 @@ from compactor.data.windows import windows_for
 from compactor.distill.config import DistillConfig
 from compactor.distill.student import Student, build_student, check_vocab, uniform_layer_map
 from compactor.distill.teacher import LiveTeacher, TopKCache, generate_windows, windows_digest
-from compactor.distill.trainer import Distiller, bf16_helps, state_digest
+from compactor.distill.trainer import Distiller, state_digest, use_bf16
 from compactor.registry import register
 
 
 def _teacher(ctx, cfg: DistillConfig):
     """(teacher model, identity string)."""
     if cfg.teacher == "original":
-        ref = ctx.reference() if ctx.recipe.reference is not None else None
+        # The recipe's reference is the original only when it says so (it may be another model).
+        ref = ctx.reference() if ctx.recipe.reference == "original" else None
         if ref is None:
             from compactor.models.load import load_model
 
@@ -81,17 +82,18 @@ def run_distill(ctx, cfg: DistillConfig, progress: bool = True):
     n_before = sum(r.get("step") == "distill" for r in ctx.reports)  # one workdir per distill step
     workdir = ctx.work_dir / f"distill-{ctx.stage}-{n_before}"
     ids = train_windows(ctx, cfg, teacher, workdir, progress)
-    autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_helps())
+    autocast = use_bf16(cfg.precision)
+    t_digest = state_digest(teacher)  # one pass over the teacher's weights
     if cfg.signal == "cache":
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else home() / "teacher-cache" / (
-            f"{state_digest(teacher)}-{windows_digest(ids)}-k{cfg.top_k}")
-        signal = TopKCache(cache_dir, ids, cfg.top_k, f"weights@{state_digest(teacher)}")
+            f"{t_digest}-{windows_digest(ids)}-k{cfg.top_k}")
+        signal = TopKCache(cache_dir, ids, cfg.top_k, f"weights@{t_digest}")
         signal.build(teacher, cfg.micro_batch, autocast, progress)
     else:
         signal = LiveTeacher(teacher, autocast)
     eval_win = windows_for(ctx.loaded.tokenizer, cfg.eval_data, cfg.window, max_tokens=cfg.eval_tokens)
     trainer = Distiller(student, signal, cfg, ids, workdir, teacher_model=teacher, eval_windows=eval_win,
-                        progress=progress, identity={"teacher": f"{teacher_id}@{state_digest(teacher)}"})
+                        progress=progress, identity={"teacher": f"{teacher_id}@{t_digest}"})
     result = trainer.train(resume=ctx.resume)
     return student, result, trainer
 

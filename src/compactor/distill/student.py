@@ -85,7 +85,7 @@ def build_student(teacher, spec: str, windows=None, adapter=None, tokenizer=None
     ``windows``: calibration windows for importance-based cuts.
     """
     from compactor.models.adapters import adapter_for
-    from compactor.prune.cuts import choose_layers, lowest_removed
+    from compactor.prune.cuts import channels_kept, choose_layers, lowest_removed
     from compactor.prune.importance import unit_importance
     from compactor.prune.structured import drop_layers, prune_kv_groups, prune_mlp_channels
 
@@ -152,7 +152,7 @@ def build_student(teacher, spec: str, windows=None, adapter=None, tokenizer=None
             imp = unit_importance(model, windows, adapter, progress=progress)
             if kind == "channels":
                 width = model.config.intermediate_size
-                keep = max(64, int(round(width * (1 - frac) / 64)) * 64) if width >= 128 else max(1, round(width * (1 - frac)))
+                keep = channels_kept(width, frac, 64 if width >= 128 else 1)
                 prune_mlp_channels(model, lowest_removed(imp.channels, width - keep), adapter)
                 desc.append(f"MLP width {width} -> {keep}")
             else:

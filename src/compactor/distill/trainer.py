@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from compactor.distill.config import DistillConfig
 from compactor.distill.parallel import Parallel, dist_info
-from compactor.distill.objective import FEATURE_TERMS, StudentWithHeads, teacher_hidden_index, term_sums, weighted_total
+from compactor.distill.objective import (StudentWithHeads, teacher_hidden_index, term_means, term_sums,
+                                         weighted_total)
 from compactor.distill.student import Student
 from compactor.distill.teacher import sample_continuations, windows_digest
 from compactor.errors import CompactorError
@@ -51,6 +52,11 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def use_bf16(precision: str) -> bool:
+    """Whether ``precision`` (fp32 / bf16 / auto) means bf16 autocast on this machine."""
+    return precision == "bf16" or (precision == "auto" and bf16_helps())
 
 
 def bf16_helps() -> bool:
@@ -97,7 +103,7 @@ class Distiller:
         if cfg.tokens < cfg.batch * self.window // 2:
             raise CompactorError(f"distill.tokens={cfg.tokens} is less than half of one step "
                                  f"({cfg.batch} × {self.window} tokens)")
-        self.autocast = cfg.precision == "bf16" or (cfg.precision == "auto" and bf16_helps())
+        self.autocast = use_bf16(cfg.precision)
         if cfg.attention:
             for m in (student.model, self.teacher_model):
                 m.set_attn_implementation("eager")
@@ -247,8 +253,9 @@ class Distiller:
         self.sched.step()
         keys = sorted(sums)
         vals = self._all_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64))
-        rec = {k: float(v) / (n_pos if k in FEATURE_TERMS else n_tok) for k, v in zip(keys, vals)}
-        rec["loss"] = sum(getattr(cfg, k) * v for k, v in rec.items())
+        totals = {k: float(v) for k, v in zip(keys, vals)}
+        rec = term_means(totals, n_tok, n_pos)
+        rec["loss"] = weighted_total(cfg, totals, n_tok, n_pos)
         self.step += 1
         return rec
 

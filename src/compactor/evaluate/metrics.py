@@ -11,30 +11,23 @@ from dataclasses import dataclass, field
 
 import torch
 
+from compactor.distill.losses import cross_entropy, forward_kl
+
 
 def kl_per_token(ref_logits: torch.Tensor, logits: torch.Tensor, chunk: int = 128) -> torch.Tensor:
-    """KL(P_ref || Q) for each position: ``[T, V], [T, V] -> [T]`` (nats).
-
-    ``sum_v p_ref(v) * (log p_ref(v) - log q(v))``, chunked over T to bound memory.
-    """
+    """KL(P_ref || Q) for each position: ``[T, V], [T, V] -> [T]`` (nats), chunked over T to
+    bound memory (the divergence itself is :func:`compactor.distill.losses.forward_kl`)."""
     if ref_logits.shape != logits.shape:
         raise ValueError(f"shape mismatch: reference {tuple(ref_logits.shape)} vs {tuple(logits.shape)}")
-    out = torch.empty(ref_logits.shape[0], dtype=torch.float32)
-    for s in range(0, ref_logits.shape[0], chunk):
-        lp = torch.log_softmax(ref_logits[s : s + chunk].float(), dim=-1)
-        lq = torch.log_softmax(logits[s : s + chunk].float(), dim=-1)
-        # Clamp: exact-zero KL can come out as -1e-9 from rounding.
-        out[s : s + chunk] = (lp.exp() * (lp - lq)).sum(-1).clamp_min(0.0)
-    return out
+    # Clamp: exact-zero KL can come out as -1e-9 from rounding.
+    return torch.cat([forward_kl(logits[s : s + chunk], ref_logits[s : s + chunk]).clamp_min(0.0)
+                      for s in range(0, ref_logits.shape[0], chunk)])
 
 
 def nll_per_token(logits: torch.Tensor, targets: torch.Tensor, chunk: int = 128) -> torch.Tensor:
     """Negative log-likelihood of ``targets [T]`` under ``logits [T, V]`` -> ``[T]`` (nats)."""
-    out = torch.empty(logits.shape[0], dtype=torch.float32)
-    for s in range(0, logits.shape[0], chunk):
-        lq = torch.log_softmax(logits[s : s + chunk].float(), dim=-1)
-        out[s : s + chunk] = -lq.gather(-1, targets[s : s + chunk, None]).squeeze(-1)
-    return out
+    return torch.cat([cross_entropy(logits[s : s + chunk], targets[s : s + chunk])
+                      for s in range(0, logits.shape[0], chunk)])
 
 
 @dataclass

@@ -27,6 +27,13 @@ def lowest_removed(scores: list[torch.Tensor], n_remove: int) -> list[torch.Tens
     return [torch.argsort(s, stable=True)[n_remove:] for s in scores]
 
 
+def channels_kept(width: int, fraction: float, multiple_of: int = 64) -> int:
+    """MLP width left after removing ``fraction``, rounded to a multiple of ``multiple_of``
+    (at least one multiple, at most ``width``)."""
+    keep = max(multiple_of, int(round(width * (1 - fraction) / multiple_of)) * multiple_of)
+    return min(keep, width)
+
+
 def _calib(ctx, samples: int | None):
     win = ctx.calib_windows()
     return win.head(samples) if samples else win
@@ -99,8 +106,7 @@ def _prune_heads(ctx, cfg: PruneHeadsConfig) -> None:
 def _prune_channels(ctx, cfg: PruneChannelsConfig) -> None:
     model, adapter = ctx.loaded.model, ctx.loaded.adapter
     width = model.config.intermediate_size
-    keep_n = max(cfg.multiple_of, int(round(width * (1 - cfg.fraction) / cfg.multiple_of)) * cfg.multiple_of)
-    keep_n = min(keep_n, width)
+    keep_n = channels_kept(width, cfg.fraction, cfg.multiple_of)
     before = count_params(model)
     if keep_n < width:
         imp = unit_importance(model, _calib(ctx, cfg.samples), adapter)

@@ -116,15 +116,15 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
             _run_stages(ctx, progress)
         return ctx
     work = Path(out).parent / f"{Path(out).name}.work"
-    if int(os.environ.get("RANK", "0")) != 0:
-        # Under torchrun only rank 0 writes; the others train alongside and share work_dir
-        # (rank 0's checkpoints) so that --resume restores every process.
-        ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=work, resume=resume)
-        _run_stages(ctx, progress)
-        return ctx
-    if work.exists() and overwrite and not resume:
+    rank = int(os.environ.get("RANK", "0"))
+    if rank == 0 and work.exists() and overwrite and not resume:
         shutil.rmtree(work)
     ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=work, resume=resume)
+    if rank != 0:
+        # Under torchrun only rank 0 writes; the others train alongside and share work_dir
+        # (rank 0's checkpoints) so that --resume restores every process.
+        _run_stages(ctx, progress)
+        return ctx
     with atomic_dir(out, overwrite=overwrite or resume) as tmp:
         ctx.out_dir = tmp
         _run_stages(ctx, progress)
