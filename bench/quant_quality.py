@@ -23,10 +23,12 @@ from compactor.data.windows import windows_for
 from compactor.evaluate import evaluate
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
 from compactor.models.load import load_model
+from compactor.quant.activations import ActivationQuantConfig, apply_activation_quant
 from compactor.quant.awq import AWQConfig, apply_awq
 from compactor.quant.gptq import GPTQConfig, apply_gptq
 from compactor.quant.qlinear import QuantizedLinear
 from compactor.quant.rtn import RTNConfig
+from compactor.quant.smoothquant import SmoothQuantConfig, apply_smoothquant
 
 GRIDS = {
     "q4_0": dict(grid="q4_0"),
@@ -37,8 +39,11 @@ GRIDS = {
     "q3_k": dict(grid="q3_k"),  # down_proj only; q4_0 fallback elsewhere
     "int4_ch": dict(grid="int", bits=4, group_size=-1),
     "q4_1": dict(grid="q4_1"),  # the reference's own grid: reproduces it, not a comparison
+    "int8_ch": dict(grid="int", bits=8, group_size=-1),  # W8A8 rows
 }
-METHODS = ("rtn", "gptq", "awq", "awq+gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+clip", "awq+gptq")
+# Weight + activation rows (int8 per-channel weights, int8 activations), on grid int8_ch.
+W8A8 = ("w8a8_dynamic", "w8a8_static", "sq+w8a8_dynamic", "sq+w8a8_static")
 
 
 def linear_bpw(model) -> tuple[float, dict]:
@@ -54,12 +59,25 @@ def linear_bpw(model) -> tuple[float, dict]:
 
 
 def quantize(model, method, kw, calib, dtype):
+    if method in W8A8:
+        if method.startswith("sq+"):
+            run_sequential(model, calib, apply_smoothquant, SmoothQuantConfig(alpha=0.5), dtype=dtype,
+                           progress=False)
+        quantize_(model, RTNConfig(**kw))
+        mode = method.rsplit("_", 1)[1]
+        act = ActivationQuantConfig(mode=mode)
+        if mode == "static":
+            run_sequential(model, calib, apply_activation_quant, act, dtype=dtype, progress=False)
+        else:
+            quantize_(model, act)
+        return
     if method == "rtn":
         quantize_(model, RTNConfig(**kw))
         return
-    if method in ("awq", "awq+gptq"):
-        then = "rtn" if method == "awq" else "none"
-        run_sequential(model, calib, apply_awq, AWQConfig(then=then, **kw), dtype=dtype, progress=False)
+    if method in ("awq", "awq+clip", "awq+gptq"):
+        then = "none" if method == "awq+gptq" else "rtn"
+        cfg = AWQConfig(then=then, clip=method == "awq+clip", **kw)
+        run_sequential(model, calib, apply_awq, cfg, dtype=dtype, progress=False)
     if method in ("gptq", "awq+gptq"):
         run_sequential(model, calib, apply_gptq, GPTQConfig(**kw), dtype=dtype, progress=False)
 
@@ -69,7 +87,7 @@ def main() -> None:
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--grids", nargs="*", default=list(GRIDS))
-    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--methods", nargs="*", default=list(METHODS), choices=METHODS + W8A8)
     ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--append", action="store_true", help="keep the rows of the previous run")
     args = ap.parse_args()
@@ -83,6 +101,8 @@ def main() -> None:
         rows = [_row(r) for r in records]
     for g in args.grids:
         for method in args.methods:
+            if (method in W8A8) != (g == "int8_ch"):
+                continue  # W8A8 rows only on int8_ch, weight-only methods on the others
             model = copy.deepcopy(ref.model)
             reset_peak_rss()
             t0 = time.perf_counter()
@@ -115,7 +135,11 @@ def _write(args, dtype, ref_ppl, rows, records, win, calib):
         f"{ref_ppl:.3f}. Calibration: Austen calib split (Sense and Sensibility), "
         f"{len(calib)} x 512 tokens, forward passes in {str(dtype).replace('torch.', '')}. "
         "GPTQ: activation order with static groups, importance-weighted scale search on GGUF grids, damping 0.01, true-sequential. RTN: plain min/max fit (llama.cpp's rounding on the legacy GGUF grids). AWQ: 20-point alpha grid, 1024 "
-        "sampled tokens per pair; the v->o pair is skipped (grouped-query attention).\n\n"
+        "sampled tokens per pair; the v->o pair is skipped (grouped-query attention); awq+clip "
+        "adds the per-group clipping search (20 ratios down to 0.5, q/k projections skipped). "
+        "W8A8 rows: int8 per-channel symmetric weights (RTN) and int8 activations, per token "
+        "(dynamic) or one calibrated absmax per tensor (static), optionally after SmoothQuant "
+        "(alpha 0.5), simulated in float.\n\n"
         "Caveat: the float reference is the dequantized Q4_1 GGUF, so every decoder weight "
         "already lies on an asymmetric 4-bit group-32 grid: the q4_1 rows reproduce the "
         "reference (near zero KLD) and are not a quality comparison.\n\n"

@@ -23,7 +23,8 @@ class Entry:
     handler: Callable[..., Any]
     # "module": handler(module, cfg, name=, stats=) -> replacement module (walkers apply it);
     # "pair": handler(layer, cfg, name=, producer=, consumers=, stats=) folds scales (AWQ);
-    # "plan": handler(modules, hessians, cfg) -> (grid per module, report) (mixed precision);
+    # "plan": handler(modules, hessians, cfg, measure=, tensors=) -> (grid per name, report)
+    #   (mixed precision; the recipe runner supplies Hessians and a KL probe);
     # "model": handler(ctx, cfg) changes the model as a whole (structured cuts);
     # "eval": handler(ctx, cfg), run by the recipe runner, leaves the model as it is.
     kind: str

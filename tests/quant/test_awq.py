@@ -47,3 +47,53 @@ def test_gqa_value_pair_skipped_with_reason_and_rtn_follows():
     skipped = [p for p in rep.pairs if "skipped" in p]
     assert len(skipped) == 2 and "grouped-query attention" in skipped[0]["skipped"]
     assert isinstance(m.model.layers[1].mlp.down_proj, QuantizedLinear) and len(rep.modules) == 14
+
+
+def test_clip_search_lowers_output_error_on_heavy_tailed_weights():
+    from compactor.quant.awq import clip_search
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(1024, 128, generator=g)
+    # Student-t-like rows: a few large weights stretch each group's range.
+    W = torch.randn(32, 128, generator=g) / torch.rand(32, 128, generator=g).clamp_min(0.05).sqrt()
+    grid = resolve_grid(WeightQuantConfig(grid="int", bits=3, group_size=32, symmetric=False), 128)
+    Wc, e0, e1 = clip_search(W, X, grid.fit, grid.unit)
+    # Reference errors computed naively from outputs.
+    def out_err(Wx):
+        Q = grid.fit(Wx, None).fake_quantize(Wx)
+        return float(((X @ Q.T) - X @ W.T).pow(2).sum() / X.shape[0])
+    assert e0 == pytest.approx(out_err(W), rel=1e-4)
+    assert e1 == pytest.approx(out_err(Wc), rel=1e-4)
+    assert e1 < 0.9 * e0
+    assert (Wc.abs() <= W.abs() + 1e-6).all()  # clipping only shrinks
+
+
+def test_clip_search_never_worse_than_unclipped():
+    from compactor.quant.awq import clip_search
+
+    g = torch.Generator().manual_seed(4)
+    X, W = torch.randn(256, 256, generator=g), torch.randn(8, 256, generator=g)
+    for grid_name in ("q4_k", "q8_0"):  # K-quant: coupled sub-blocks; 8 bits: little to gain
+        grid = resolve_grid(WeightQuantConfig(grid=grid_name), 256)
+        Wc, e0, e1 = clip_search(W, X, grid.fit, grid.unit, n_grid=5)
+        assert e1 <= e0
+
+
+def test_awq_with_clipping_reports_gains_and_skips_query_key():
+    from compactor.models.tiny import tiny_model
+
+    g = torch.Generator().manual_seed(5)
+    w = make_windows(torch.randint(0, 256, (8 * 32,), generator=g).tolist(), length=32)
+    m = tiny_model()
+    rep = run_sequential(m, w, apply_awq, AWQConfig(grid="int", bits=3, group_size=32, clip=True,
+                                                    clip_grid=5), progress=False)
+    gains = {k for p in rep.pairs for k in p.get("clip_gain", {})}
+    assert gains and not any(k.endswith(("q_proj", "k_proj")) for k in gains)
+    assert all(v >= 0 for p in rep.pairs for v in p.get("clip_gain", {}).values())
+
+
+def test_awq_clip_needs_rtn_followup():
+    from compactor.errors import CompactorError
+
+    with pytest.raises(CompactorError, match="awq.clip needs then: rtn"):
+        AWQConfig(grid="q4_0", clip=True, then="none").validate()

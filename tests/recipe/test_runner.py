@@ -70,3 +70,34 @@ def test_chained_quantization_recipe(tmp_path, tiny_dir, text_file):
     rep = ctx.reports[0]
     assert rep["achieved_bpw"] <= 6.0 and set(rep["plan"].values()) <= {"q4_0", "q8_0"}
     assert len(set(rep["plan"].values())) == 2  # a real mix at this budget
+    assert rep["sensitivity"] == "kl" and len(rep["measured_kl"]) == 2 + 1  # 2 layers + embedding
+
+
+def test_mixed_precision_embedding_is_stored_as_codes_and_stays_tied(tmp_path, tiny_dir, text_file):
+    import numpy as np
+    import torch
+    from gguf import GGUFReader
+
+    from compactor.export.gguf import export_gguf
+    from compactor.quant.qlinear import QuantizedEmbedding
+
+    mp = [{"mixed_precision": {"candidates": ["q4_0", "q8_0"], "target_bpw": 5.0, "then": "gptq"}}]
+    rec = _recipe(tmp_path, tiny_dir, text_file, mp)
+    rec.calibration = type(rec.calibration)(data=str(text_file), samples=4, window=64)
+    ctx = run_recipe(rec, out=tmp_path / "mp", progress=False)
+    rep, model = ctx.reports[0], ctx.loaded.model
+    emb = model.model.embed_tokens
+    assert isinstance(emb, QuantizedEmbedding) and emb.label == rep["plan"]["model.embed_tokens"]
+    assert model.lm_head.weight is emb.weight  # the tied head computes with the quantized table
+    assert rep["then"] == "gptq" and rep["achieved_bpw"] <= 5.0
+    back = load_model(tmp_path / "mp")
+    assert back.info["quantized_modules"] == 15 and back.model.lm_head.weight is back.model.model.embed_tokens.weight
+    ids = torch.arange(40)[None]
+    with torch.no_grad():
+        assert torch.equal(back.model(ids).logits, model(ids).logits)
+    out = export_gguf(model, tmp_path / "m.gguf", tokenizer=ctx.loaded.tokenizer, progress=False)
+    rec_embd = next(r for r in out.tensors if r.name == "token_embd.weight")
+    assert rec_embd.origin == "codes" and rec_embd.type == emb.label
+    names = {t.name for t in GGUFReader(tmp_path / "m.gguf").tensors}
+    assert "output.weight" not in names  # tied: llama.cpp reads token_embd for the head
+    assert np.isfinite(out.bpw)

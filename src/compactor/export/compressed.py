@@ -73,7 +73,7 @@ def export_compressed_tensors(model, tokenizer, out: Path, progress: bool = True
         from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
     except ImportError:
         raise CompactorError("compressed-tensors export needs the package: pip install 'compactor[ct]'") from None
-    qmods = quantized_modules(model)
+    qmods = quantized_modules(model, linear_only=True)  # vLLM reads embeddings as float
     if not qmods:
         raise CompactorError("the model has no quantized linear layers to write as compressed-tensors")
     schemes = _schemes(qmods)

@@ -138,7 +138,7 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         raise CompactorError(f"could not load the model in {directory}: {exc}") from None
     from compactor.quant.storage import restore_quantization
 
-    restored = restore_quantization(model, directory)
+    restored = restore_quantization(model, directory, adapter.lm_head)
     model.eval()
     return LoadedModel(
         model=model,

@@ -47,3 +47,52 @@ class QuantizedLinear(nn.Module):
         if self.bias is not None:
             lin.bias.data.copy_(self.bias)
         return lin
+
+
+class QuantizedEmbedding(QuantizedLinear):
+    """A token embedding ``[vocab, hidden]`` stored as codes on a grid (rows are tokens, the
+    grid's blocks run along the hidden dimension, as in GGUF's ``token_embd``).
+
+    The dequantized table is a (frozen) parameter so that a tied output head can share it:
+    :func:`tie_head` points the head at it, and both then compute with the quantized values.
+    """
+
+    def __init__(self, codes: torch.Tensor, qp: QParams, label: str, bits_per_weight: float,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(codes, qp, label, bits_per_weight, None, dtype)
+        table = self.weight
+        del self.weight  # the buffer becomes a parameter (shareable with a tied head)
+        self.weight = nn.Parameter(table, requires_grad=False)
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.out_features
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return nn.functional.embedding(ids, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{self.out_features}, {self.in_features}, grid={self.label}"
+
+    def to_linear(self) -> nn.Embedding:
+        """A plain ``nn.Embedding`` sharing the dequantized table (keeps a tied head tied)."""
+        emb = nn.Embedding(self.out_features, self.in_features)
+        emb.weight = self.weight
+        return emb
+
+
+def tie_head(model, embed: str, lm_head: str) -> bool:
+    """If ``model`` ties its output head to the embedding, point the head's weight at the
+    embedding's current table. Returns whether the model is tied."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False)) and lm_head
+    if not tied:
+        return False
+    head = model.get_submodule(lm_head)
+    if isinstance(head, QuantizedLinear):
+        return True
+    head.weight = model.get_submodule(embed).weight
+    return True

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compactor.quant.qlinear import QuantizedLinear
+from compactor.quant.qlinear import QuantizedEmbedding, QuantizedLinear
 from compactor.quant.spec import WeightQuantConfig, check_weight, resolve_grid
 from compactor.registry import register
 
@@ -35,5 +35,16 @@ def apply_rtn(module: torch.nn.Linear, cfg: RTNConfig, name: str = "", stats=Non
     importance = stats.mean_sq() if stats is not None else None
     codes, qp = rtn(module.weight.detach(), grid.fit, importance)
     q = QuantizedLinear(codes, qp, grid.label, grid.bits_per_weight, module.bias, module.weight.dtype)
+    q.note = grid.note
+    return q
+
+
+def rtn_embedding(weight: torch.Tensor, cfg: WeightQuantConfig, name: str = "") -> QuantizedEmbedding:
+    """Round a token-embedding table ``[vocab, hidden]`` to ``cfg``'s grid (blocks along the
+    hidden dimension, as GGUF stores ``token_embd``)."""
+    check_weight(weight, name)
+    grid = resolve_grid(cfg, weight.shape[1], name)
+    codes, qp = rtn(weight.detach().float(), grid.fit)
+    q = QuantizedEmbedding(codes, qp, grid.label, grid.bits_per_weight, weight.dtype)
     q.note = grid.note
     return q

@@ -19,19 +19,21 @@ from safetensors.torch import load_file, save_file
 
 from compactor.errors import CompactorError
 from compactor.primitives.qparams import QParams
-from compactor.quant.qlinear import QuantizedLinear
+from compactor.quant.qlinear import QuantizedEmbedding, QuantizedLinear, tie_head
 
 MANIFEST = "quantization.json"
 TENSORS = "quantization.safetensors"
 
 
-def quantized_modules(model) -> dict[str, QuantizedLinear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+def quantized_modules(model, linear_only: bool = False) -> dict[str, QuantizedLinear]:
+    """Every module stored as codes (linears and a quantized embedding), by name."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)
+            and not (linear_only and isinstance(m, QuantizedEmbedding))}
 
 
 @contextlib.contextmanager
 def dequantized_view(model) -> Iterator[None]:
-    """Temporarily swap QuantizedLinear modules for plain Linear ones (for save_pretrained)."""
+    """Temporarily swap quantized modules for plain Linear/Embedding ones (for save_pretrained)."""
     qmods = quantized_modules(model)
     for n, m in qmods.items():
         model.set_submodule(n, m.to_linear())
@@ -56,7 +58,8 @@ def save_quantization(model, directory: Path) -> dict:
         extra = [k for k, v in qp.extra.items() if isinstance(v, torch.Tensor)]
         for k in extra:
             tensors[f"{n}.extra.{k}"] = qp.extra[k].contiguous()
-        manifest[n] = {"grid": m.label, "bits_per_weight": m.bits_per_weight, "block": qp.block,
+        manifest[n] = {"kind": "embedding" if isinstance(m, QuantizedEmbedding) else "linear",
+                       "grid": m.label, "bits_per_weight": m.bits_per_weight, "block": qp.block,
                        "qmin": qp.qmin, "qmax": qp.qmax, "extra": extra,
                        "shape": [m.out_features, m.in_features]}
     if manifest:
@@ -65,9 +68,10 @@ def save_quantization(model, directory: Path) -> dict:
     return manifest
 
 
-def restore_quantization(model, directory: Path) -> int:
-    """Replace the Linear modules listed in ``quantization.json`` by QuantizedLinear ones.
-    Returns how many were restored (0 if the directory holds no quantization)."""
+def restore_quantization(model, directory: Path, lm_head: str = "lm_head") -> int:
+    """Replace the modules listed in ``quantization.json`` by their quantized forms (a
+    quantized embedding is re-shared with a tied head at ``lm_head``). Returns how many
+    were restored (0 if the directory holds no quantization)."""
     path = Path(directory) / MANIFEST
     if not path.exists():
         return 0
@@ -88,8 +92,12 @@ def restore_quantization(model, directory: Path) -> int:
         if list(codes.shape) != info["shape"]:
             raise CompactorError(f"{directory}: {n}.codes has shape {list(codes.shape)}, "
                                  f"manifest says {info['shape']}")
-        model.set_submodule(n, QuantizedLinear(codes, qp, info["grid"], info["bits_per_weight"],
-                                               getattr(lin, "bias", None), torch.float32))
+        if info.get("kind") == "embedding":
+            model.set_submodule(n, QuantizedEmbedding(codes, qp, info["grid"], info["bits_per_weight"]))
+            tie_head(model, n, lm_head)
+        else:
+            model.set_submodule(n, QuantizedLinear(codes, qp, info["grid"], info["bits_per_weight"],
+                                                   getattr(lin, "bias", None), torch.float32))
     return len(manifest)
 
 
