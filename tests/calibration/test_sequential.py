@@ -35,7 +35,7 @@ def _by_hand(model, windows, cfg):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma"])
 def test_runner_equals_layer_by_layer_by_hand(windows, family):
     cfg = GPTQConfig(grid="int", bits=4, group_size=32)
     m1 = tiny_model(family)
@@ -99,3 +99,21 @@ def test_one_pass_mode_observes_each_input_separately(windows):
     quantize_(r, RTNConfig(grid="q4_0"))
     kl = lambda m: evaluate(m, windows, reference=ref, speed=False, progress=False).kld_mean
     assert kl(one) < kl(r)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_attention_replay_changes_nothing(windows, family):
+    """Replaying cached o_proj inputs gives the same codes and next-layer inputs as
+    recomputing attention in every pass."""
+    cfg = GPTQConfig(grid="q4_0")
+    m1 = tiny_model(family)
+    m2 = copy.deepcopy(m1)
+    outs = {True: [], False: []}
+    for m, replay in ((m1, True), (m2, False)):
+        run_sequential(m, windows, apply_gptq, cfg, batch=3, progress=False, replay=replay,
+                       on_layer=lambda i, x, y, r=replay: outs[r].append(torch.cat(y)))
+    for a, b in zip(outs[True], outs[False]):
+        assert torch.equal(a, b)
+    for q1, q2 in zip(m1.modules(), m2.modules()):
+        if isinstance(q1, QuantizedLinear):
+            assert torch.equal(q1.codes, q2.codes)

@@ -30,3 +30,26 @@ def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, object], None]
     finally:
         for h in handles:
             h.remove()
+
+
+@contextlib.contextmanager
+def replay_attention(layer: nn.Module, o_proj: str, cached: list) -> Iterator[None]:
+    """Make ``layer``'s attention block skip its computation and return ``o_proj(x_i)`` for
+    the cached o_proj inputs ``x_i``, one per call in order.
+
+    Valid once the q/k/v projections are final: the attention output before o_proj then no
+    longer changes, so later calibration passes over the layer need not recompute it (on a
+    small model attention is a large part of a layer's forward cost). The block's output
+    follows transformers' ``(output, attention weights)`` convention.
+    """
+    attn = layer.get_submodule(o_proj.rsplit(".", 1)[0])
+    calls = iter(cached)
+
+    def forward(*_args, **_kwargs):
+        return layer.get_submodule(o_proj)(next(calls)), None
+
+    attn.forward = forward  # an instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        del attn.forward

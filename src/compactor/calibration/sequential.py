@@ -9,6 +9,10 @@ linear of the group; finally propagate: run the (now compressed) layer without h
 produce the next layer's inputs. Peak memory is one layer's weights plus two copies of the
 calibration activations.
 
+Once a layer's q/k/v projections are final and o_proj's input has been observed, later
+passes over that layer replay the cached o_proj inputs instead of recomputing attention
+(``replay``; the results are the same).
+
 ``dtype``: the forward passes of calibration may run in bfloat16 (a shadow copy of the
 layer), which is several times faster on CPUs with native bf16 matrix units; statistics are
 accumulated in float32 and the methods always quantize the float32 weights.
@@ -24,7 +28,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from compactor.calibration.hooks import StopForward, input_hooks
+import contextlib
+
+from compactor.calibration.hooks import StopForward, input_hooks, replay_attention
 from compactor.data.windows import TokenWindows
 from compactor.errors import CompactorError
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
@@ -95,7 +101,8 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                    adapter: Adapter | None = None, true_sequential: bool = True,
                    skip: Callable[[str], bool] = lambda name: False,
                    batch: int = 8, dtype: torch.dtype = torch.float32,
-                   progress: bool = True, on_layer: Callable | None = None) -> CalibrationReport:
+                   progress: bool = True, on_layer: Callable | None = None,
+                   replay: bool = True) -> CalibrationReport:
     """Calibrate and apply ``handler`` to every linear of every decoder layer, in place.
 
     ``on_layer(index, inputs, outputs)``: called after each layer with its input and output
@@ -115,8 +122,10 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     units = ([(p, c) for p, c in adapter.smooth_pairs] if smoothing
              else [(None, g) for g in adapter.sequential_groups] if true_sequential
              else [(None, adapter.sequential_groups)])
+    q, k, v, o = adapter.attn
     for li in tqdm(range(len(layers)), desc=f"calibrate {type(cfg).name}", disable=not progress, unit="layer"):
         layer = layers[li]
+        o_inputs: list | None = None  # cached o_proj inputs, once q/k/v are final
         # The forward passes run on `runner` (a reduced-precision shadow, or the layer itself).
         runner = layer if dtype == torch.float32 else copy.deepcopy(layer).to(dtype)
         prefix = f"{adapter.layers}.{li}"
@@ -137,13 +146,26 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                                 if getattr(cfg, "statistic", "hessian") == "inputs"
                                 else HessianAccumulator(width))
             last = max((f for f, _ in todo), key=adapter.linears.index)
-            with torch.no_grad(), input_hooks({f: runner.get_submodule(f) for f, _ in todo},
-                                              lambda n, x: stats[n].add(x), stop_after=last):
+            pending = {n for _, names in todo for n in names}
+            # o_proj's input can be cached in this pass if q/k/v will not change afterwards.
+            capture = (replay and producer is None and o_inputs is None
+                       and any(f == o for f, _ in todo) and not pending & {q, k, v})
+            seen = []
+
+            def observe(n, x):
+                stats[n].add(x)
+                if capture and n == o:
+                    seen.append(x)
+
+            with torch.no_grad(), input_hooks({f: runner.get_submodule(f) for f, _ in todo}, observe,
+                                              stop_after=last), _replayed(runner, o, o_inputs):
                 for hidden, kwargs in inputs:
                     try:
                         runner(hidden, **kwargs)
                     except StopForward:
                         pass
+            if capture:
+                o_inputs = seen
             if producer is not None:
                 # Scales fold into the producer and all consumers of this input.
                 report.pairs.append(handler(layer, cfg, name=prefix, producer=producer,
@@ -178,7 +200,7 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
             if runner is not layer:
                 runner = copy.deepcopy(layer).to(dtype)
         # Propagate the compressed layer's outputs to the next layer.
-        with torch.no_grad():
+        with torch.no_grad(), _replayed(runner, o, o_inputs if follow is None else None):
             outputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         if on_layer is not None:
             on_layer(li, [h for h, _ in inputs], [h for h, _ in outputs])
@@ -187,6 +209,11 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     report.seconds = time.perf_counter() - t0
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+def _replayed(layer, o_proj: str, o_inputs: list | None):
+    """Replay cached attention (see :func:`replay_attention`) when there is a cache."""
+    return replay_attention(layer, o_proj, o_inputs) if o_inputs is not None else contextlib.nullcontext()
 
 
 def _out(result):
