@@ -102,9 +102,9 @@ def test_one_pass_mode_observes_each_input_separately(windows):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma"])
-def test_attention_replay_changes_nothing(windows, family):
-    """Replaying cached o_proj inputs gives the same codes and next-layer inputs as
-    recomputing attention in every pass."""
+def test_block_replay_changes_nothing(windows, family):
+    """Replaying cached o_proj / down_proj inputs gives the same codes and next-layer
+    inputs as recomputing attention and the gate/up projections in every pass."""
     cfg = GPTQConfig(grid="q4_0")
     m1 = tiny_model(family)
     m2 = copy.deepcopy(m1)

@@ -33,23 +33,26 @@ def input_hooks(modules: dict[str, nn.Module], fn: Callable[[str, object], None]
 
 
 @contextlib.contextmanager
-def replay_attention(layer: nn.Module, o_proj: str, cached: list) -> Iterator[None]:
-    """Make ``layer``'s attention block skip its computation and return ``o_proj(x_i)`` for
-    the cached o_proj inputs ``x_i``, one per call in order.
+def replay_block(layer: nn.Module, consumer: str, cached: list, returns_tuple: bool) -> Iterator[None]:
+    """Make the block holding ``consumer`` (``self_attn`` for ``self_attn.o_proj``) skip its
+    computation and return ``consumer(x_i)`` for the cached consumer inputs ``x_i``, one
+    per call in order.
 
-    Valid once the q/k/v projections are final: the attention output before o_proj then no
-    longer changes, so later calibration passes over the layer need not recompute it (on a
-    small model attention is a large part of a layer's forward cost). The block's output
-    follows transformers' ``(output, attention weights)`` convention.
+    Valid once everything upstream of the consumer is final: its input then no longer
+    changes, so later calibration passes over the layer need not recompute it (attention
+    and the gate/up projections are most of a small model's forward cost). Attention
+    blocks follow transformers' ``(output, attention weights)`` convention
+    (``returns_tuple``); MLP blocks return the tensor.
     """
-    attn = layer.get_submodule(o_proj.rsplit(".", 1)[0])
+    block = layer.get_submodule(consumer.rsplit(".", 1)[0])
     calls = iter(cached)
 
     def forward(*_args, **_kwargs):
-        return layer.get_submodule(o_proj)(next(calls)), None
+        out = layer.get_submodule(consumer)(next(calls))
+        return (out, None) if returns_tuple else out
 
-    attn.forward = forward  # an instance attribute shadows the class's forward
+    block.forward = forward  # an instance attribute shadows the class's forward
     try:
         yield
     finally:
-        del attn.forward
+        del block.forward

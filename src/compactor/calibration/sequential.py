@@ -9,9 +9,9 @@ linear of the group; finally propagate: run the (now compressed) layer without h
 produce the next layer's inputs. Peak memory is one layer's weights plus two copies of the
 calibration activations.
 
-Once a layer's q/k/v projections are final and o_proj's input has been observed, later
-passes over that layer replay the cached o_proj inputs instead of recomputing attention
-(``replay``; the results are the same).
+Once everything upstream of o_proj (of down_proj) is final and its input has been
+observed, later passes over that layer replay the cached inputs instead of recomputing
+attention (the gate/up projections): ``replay``; the results are the same.
 
 ``dtype``: the forward passes of calibration may run in bfloat16 (a shadow copy of the
 layer), which is several times faster on CPUs with native bf16 matrix units; statistics are
@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 import contextlib
 
-from compactor.calibration.hooks import StopForward, input_hooks, replay_attention
+from compactor.calibration.hooks import StopForward, input_hooks, replay_block
 from compactor.data.windows import TokenWindows
 from compactor.errors import CompactorError
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
@@ -122,10 +122,11 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     units = ([(p, c) for p, c in adapter.smooth_pairs] if smoothing
              else [(None, g) for g in adapter.sequential_groups] if true_sequential
              else [(None, adapter.sequential_groups)])
-    q, k, v, o = adapter.attn
+    # Consumers whose block can be replayed: attention's o_proj and the MLP's down_proj.
+    replayable = {adapter.attn[3]: True, adapter.mlp[2]: False}  # name -> block returns a tuple
     for li in tqdm(range(len(layers)), desc=f"calibrate {type(cfg).name}", disable=not progress, unit="layer"):
         layer = layers[li]
-        o_inputs: list | None = None  # cached o_proj inputs, once q/k/v are final
+        cache: dict[str, list] = {}  # consumer -> its inputs, per batch, once upstream is final
         # The forward passes run on `runner` (a reduced-precision shadow, or the layer itself).
         runner = layer if dtype == torch.float32 else copy.deepcopy(layer).to(dtype)
         prefix = f"{adapter.layers}.{li}"
@@ -144,28 +145,28 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                 width = layer.get_submodule(first).in_features
                 stats[first] = (InputSample(width, getattr(cfg, "sample_tokens", 1024))
                                 if getattr(cfg, "statistic", "hessian") == "inputs"
-                                else HessianAccumulator(width))
+                                else HessianAccumulator(width, getattr(cfg, "hessian_dtype", "float32")))
             last = max((f for f, _ in todo), key=adapter.linears.index)
-            pending = {n for _, names in todo for n in names}
-            # o_proj's input can be cached in this pass if q/k/v will not change afterwards.
-            capture = (replay and producer is None and o_inputs is None
-                       and any(f == o for f, _ in todo) and not pending & {q, k, v})
-            seen = []
+            pending = [n for _, names in todo for n in names]
+            first_pending = min(adapter.linears.index(n) for n in pending)
+            # A consumer's input can be cached in this pass if nothing upstream of it changes
+            # afterwards (smoothing methods rescale producers, so they never cache).
+            capture = {f: [] for f, _ in todo if replay and producer is None and f in replayable
+                       and f not in cache and adapter.linears.index(f) <= first_pending}
 
             def observe(n, x):
                 stats[n].add(x)
-                if capture and n == o:
-                    seen.append(x)
+                if n in capture:
+                    capture[n].append(x)
 
             with torch.no_grad(), input_hooks({f: runner.get_submodule(f) for f, _ in todo}, observe,
-                                              stop_after=last), _replayed(runner, o, o_inputs):
+                                              stop_after=last), _replayed(runner, cache, replayable):
                 for hidden, kwargs in inputs:
                     try:
                         runner(hidden, **kwargs)
                     except StopForward:
                         pass
-            if capture:
-                o_inputs = seen
+            cache.update(capture)
             if producer is not None:
                 # Scales fold into the producer and all consumers of this input.
                 report.pairs.append(handler(layer, cfg, name=prefix, producer=producer,
@@ -200,7 +201,7 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
             if runner is not layer:
                 runner = copy.deepcopy(layer).to(dtype)
         # Propagate the compressed layer's outputs to the next layer.
-        with torch.no_grad(), _replayed(runner, o, o_inputs if follow is None else None):
+        with torch.no_grad(), _replayed(runner, cache if follow is None else {}, replayable):
             outputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
         if on_layer is not None:
             on_layer(li, [h for h, _ in inputs], [h for h, _ in outputs])
@@ -211,9 +212,12 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     return report
 
 
-def _replayed(layer, o_proj: str, o_inputs: list | None):
-    """Replay cached attention (see :func:`replay_attention`) when there is a cache."""
-    return replay_attention(layer, o_proj, o_inputs) if o_inputs is not None else contextlib.nullcontext()
+def _replayed(layer, cache: dict[str, list], replayable: dict[str, bool]) -> contextlib.ExitStack:
+    """Replay every cached block (see :func:`replay_block`)."""
+    stack = contextlib.ExitStack()
+    for consumer, inputs in cache.items():
+        stack.enter_context(replay_block(layer, consumer, inputs, replayable[consumer]))
+    return stack
 
 
 def _out(result):

@@ -83,9 +83,16 @@ class QParams:
     def quantize_column(self, w: torch.Tensor, j: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes [out], values [out]) of column ``j`` holding ``w [out]``; the fast path
         GPTQ uses one column at a time."""
-        s, off = self.column(j)
+        cols = self.__dict__.get("_columns")
+        if cols is None:  # per-block (safe scale, scale, offset), contiguous by block, built once
+            safe = torch.where(self.scale == 0, torch.ones_like(self.scale), self.scale)
+            cols = (safe.T.contiguous(), self.scale.T.contiguous(),
+                    None if self.offset is None else self.offset.T.contiguous())
+            self.__dict__["_columns"] = cols
+        b = j // self.block
+        safe, s, off = cols[0][b], cols[1][b], None if cols[2] is None else cols[2][b]
         x = w.float() if off is None else w.float() + off
-        y = x / torch.where(s == 0, torch.ones_like(s), s)
+        y = x / safe
         if self.codebook is None:
             q = torch.round(y).clamp(self.qmin, self.qmax)
             level = q

@@ -1,0 +1,37 @@
+import pytest
+import torch
+
+from compactor.primitives.hessian import HessianAccumulator, inverse_cholesky_upper, prepare_hessian
+
+
+def test_accumulator_matches_naive_sum():
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 7, 16, generator=g) for _ in range(3)]
+    acc = HessianAccumulator(16)
+    for x in batches:
+        acc.add(x)
+    X = torch.cat([x.reshape(-1, 16) for x in batches])
+    assert torch.allclose(acc.hessian(), 2 * X.T @ X / X.shape[0], atol=1e-5)
+    assert torch.allclose(acc.mean_sq(), X.pow(2).mean(0), atol=1e-6)
+
+
+def test_bf16_products_stay_close_to_fp32():
+    g = torch.Generator().manual_seed(1)
+    a32, a16 = HessianAccumulator(64), HessianAccumulator(64, "bfloat16")
+    for _ in range(8):
+        x = (torch.randn(512, 64, generator=g) * torch.logspace(-1, 1, 64)).bfloat16()  # bf16 inputs
+        a32.add(x)
+        a16.add(x)
+    H32, H16 = a32.hessian(), a16.hessian()
+    assert (H16 - H32).norm() / H32.norm() < 5e-3
+    assert not torch.equal(H16, H32)  # a different (rounded) path really ran
+
+
+def test_dead_columns_and_inverse_factor():
+    H = torch.diag(torch.tensor([2.0, 0.0, 1.0]))
+    Hd, dead = prepare_hessian(H, 0.01)
+    assert dead.tolist() == [False, True, False] and Hd[1, 1] > 0
+    U = inverse_cholesky_upper(Hd)
+    assert torch.allclose(U.T @ U, torch.linalg.inv(Hd), atol=1e-6)
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        HessianAccumulator(3).hessian()
