@@ -41,7 +41,7 @@ GRIDS = {
     "q4_1": dict(grid="q4_1"),  # the reference's own grid: reproduces it, not a comparison
     "int8_ch": dict(grid="int", bits=8, group_size=-1),  # W8A8 rows
 }
-METHODS = ("rtn", "gptq", "gptq_h16", "awq", "awq+clip", "awq+gptq")
+METHODS = ("rtn", "gptq", "awq", "awq+clip", "awq+gptq")
 # Weight + activation rows (int8 per-channel weights, int8 activations), on grid int8_ch.
 W8A8 = ("w8a8_dynamic", "w8a8_static", "sq+w8a8_dynamic", "sq+w8a8_static")
 
@@ -78,9 +78,8 @@ def quantize(model, method, kw, calib, dtype):
         then = "none" if method == "awq+gptq" else "rtn"
         cfg = AWQConfig(then=then, clip=method == "awq+clip", **kw)
         run_sequential(model, calib, apply_awq, cfg, dtype=dtype, progress=False)
-    if method in ("gptq", "gptq_h16", "awq+gptq"):
-        h = "bfloat16" if method == "gptq_h16" else "float32"
-        run_sequential(model, calib, apply_gptq, GPTQConfig(hessian_dtype=h, **kw), dtype=dtype, progress=False)
+    if method in ("gptq", "awq+gptq"):
+        run_sequential(model, calib, apply_gptq, GPTQConfig(**kw), dtype=dtype, progress=False)
 
 
 def main() -> None:
@@ -137,7 +136,7 @@ def _write(args, dtype, ref_ppl, rows, records, win, calib):
         f"eval split (Persuasion), {len(win)} windows x 512 tokens, no BOS; reference PPL "
         f"{ref_ppl:.3f}. Calibration: Austen calib split (Sense and Sensibility), "
         f"{len(calib)} x 512 tokens, forward passes in {str(dtype).replace('torch.', '')}. "
-        "GPTQ: activation order with static groups, importance-weighted scale search on GGUF grids, damping 0.01, true-sequential; gptq_h16 accumulates the Hessian from bf16 batch products. RTN: plain min/max fit (llama.cpp's rounding on the legacy GGUF grids). AWQ: 20-point alpha grid, 1024 "
+        "GPTQ: activation order with static groups, importance-weighted scale search on GGUF grids, damping 0.01, true-sequential. RTN: plain min/max fit (llama.cpp's rounding on the legacy GGUF grids). AWQ: 20-point alpha grid, 1024 "
         "sampled tokens per pair; the v->o pair is skipped (grouped-query attention); awq+clip "
         "adds the per-group clipping search (20 ratios down to 0.5, q/k projections skipped). "
         "W8A8 rows: int8 per-channel symmetric weights (RTN) and int8 activations, per token "

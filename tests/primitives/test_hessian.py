@@ -15,18 +15,6 @@ def test_accumulator_matches_naive_sum():
     assert torch.allclose(acc.mean_sq(), X.pow(2).mean(0), atol=1e-6)
 
 
-def test_bf16_products_stay_close_to_fp32():
-    g = torch.Generator().manual_seed(1)
-    a32, a16 = HessianAccumulator(64), HessianAccumulator(64, "bfloat16")
-    for _ in range(8):
-        x = (torch.randn(512, 64, generator=g) * torch.logspace(-1, 1, 64)).bfloat16()  # bf16 inputs
-        a32.add(x)
-        a16.add(x)
-    H32, H16 = a32.hessian(), a16.hessian()
-    assert (H16 - H32).norm() / H32.norm() < 5e-3
-    assert not torch.equal(H16, H32)  # a different (rounded) path really ran
-
-
 def test_dead_columns_and_inverse_factor():
     H = torch.diag(torch.tensor([2.0, 0.0, 1.0]))
     Hd, dead = prepare_hessian(H, 0.01)

@@ -145,7 +145,7 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                 width = layer.get_submodule(first).in_features
                 stats[first] = (InputSample(width, getattr(cfg, "sample_tokens", 1024))
                                 if getattr(cfg, "statistic", "hessian") == "inputs"
-                                else HessianAccumulator(width, getattr(cfg, "hessian_dtype", "float32")))
+                                else HessianAccumulator(width))
             last = max((f for f, _ in todo), key=adapter.linears.index)
             pending = [n for _, names in todo for n in names]
             first_pending = min(adapter.linears.index(n) for n in pending)

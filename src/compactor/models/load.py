@@ -136,6 +136,13 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
     except OSError as exc:
         raise CompactorError(f"could not load the model in {directory}: {exc}") from None
+    # transformers maps the safetensors file into memory and the parameters point into the
+    # mapping, which keeps every page a pass has touched resident for the model's lifetime,
+    # even after a compression step replaced the module. Own copies are freed on replacement
+    # (measured on SmolLM2 GPTQ: peak RSS -0.5 GB).
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
     from compactor.quant.storage import restore_quantization
 
     restored = restore_quantization(model, directory, adapter.lm_head)

@@ -9,25 +9,19 @@ import torch
 class HessianAccumulator:
     """Running ``sum x x^T`` and token count for inputs ``x [..., in]``.
 
-    ``product``: the dtype of each batch's ``x^T x``. float32 by default; bfloat16 runs the
-    product on native bf16 units (about twice as fast here) and rounds each batch's sum to
-    bf16 (relative error ~2^-9 per entry, independent between batches) before it is
-    accumulated in float32.
+    Products are float32 even when the calibration forward runs in bfloat16: rounding each
+    batch's ``x^T x`` to bf16 (twice as fast here) leaves SmolLM2's Hessians indefinite,
+    because its massive activations make a few entries ~1e6 times the rest and their
+    rounding error swamps the small eigenvalues (measured; damping does not recover it).
     """
 
-    def __init__(self, in_features: int, product: str = "float32"):
+    def __init__(self, in_features: int):
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32)
         self.count = 0
-        self.product = {"float32": torch.float32, "bfloat16": torch.bfloat16}[product]
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.reshape(-1, x.shape[-1])
-        if self.product == torch.float32:
-            x = x.float()
-            self.sum.addmm_(x.T, x)
-        else:
-            x = x.to(self.product)
-            self.sum += (x.T @ x).float()
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.sum.addmm_(x.T, x)
         self.count += x.shape[0]
 
     def hessian(self) -> torch.Tensor:

@@ -30,9 +30,7 @@ from compactor.registry import register
 
 @dataclass(frozen=True)
 class GPTQConfig(WeightQuantConfig):
-    """GPTQ settings. ``dampening``: fraction of mean(diag H) added to the diagonal;
-    ``hessian_dtype``: precision of each calibration batch's ``x^T x`` (bfloat16: faster on
-    CPUs with bf16 units, see :class:`HessianAccumulator`)."""
+    """GPTQ settings. ``dampening``: fraction of mean(diag H) added to the diagonal."""
 
     name = "gptq"
     needs_calibration = True
@@ -42,7 +40,6 @@ class GPTQConfig(WeightQuantConfig):
     static_groups: bool | None = None  # None: static with act_order, lazy (refit per group) otherwise
     true_sequential: bool = True
     calibration_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    hessian_dtype: Literal["float32", "bfloat16"] = "float32"
 
     def validate(self) -> None:
         super().validate()
