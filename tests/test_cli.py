@@ -69,6 +69,27 @@ def test_quantize_cli_writes_codes_and_reports_fallbacks(tmp_path, tiny_dir, tex
     assert res["kld_mean"] > 0 and res["bpw"] < 32
 
 
+@pytest.mark.parametrize("method, extra, steps", [
+    ("mixed", ["--target-bpw", "5", "--candidates", "q4_0,q8_0", "--then", "gptq"], ["mixed_precision"]),
+    ("w8a8", ["--act", "static"], ["smoothquant", "rtn", "activations"]),
+    ("awq", ["--clip", "--grid", "int", "--bits", "3", "--group-size", "32"], ["awq"]),
+])
+def test_quantize_cli_other_methods(tmp_path, tiny_dir, text_file, method, extra, steps):
+    out = tmp_path / "q"
+    rc = main(["quantize", str(tiny_dir), "--method", method, *extra,
+               "--calib-data", str(text_file), "--samples", "4", "--calib-window", "64",
+               "--data", str(text_file), "--tokens", "128", "--window", "64", "--no-speed",
+               "--out", str(out)])
+    assert rc == 0
+    prov = json.loads((out / "provenance.json").read_text())
+    assert [r["step"] for r in prov["reports"]] == steps
+    if method == "mixed":
+        assert prov["reports"][0]["achieved_bpw"] <= 5.0 and "model.embed_tokens" in prov["reports"][0]["plan"]
+    if method == "awq":
+        assert any("clip_gain" in p for p in prov["reports"][0]["pairs"])
+    assert json.loads((out / "metrics.json").read_text())[0]["kld_mean"] > 0
+
+
 def test_quantize_bad_group_size_writes_nothing(tmp_path, tiny_dir, text_file, capsys):
     out = tmp_path / "q"
     rc = main(["quantize", str(tiny_dir), "--method", "rtn", "--group-size", "48",

@@ -118,11 +118,19 @@ def cmd_quantize(args) -> int:
     grid = {"grid": args.grid, "bits": args.bits, "group_size": args.group_size,
             "symmetric": not args.asym}
     gptq = {**grid, "act_order": args.act_order, "dampening": args.dampening}
+    mixed = {"target_bpw": args.target_bpw, "sensitivity": args.sensitivity, "then": args.then,
+             "embeddings": args.sensitivity == "kl" and not args.no_embeddings}
+    if args.candidates:
+        mixed["candidates"] = args.candidates.split(",")
+    int8 = {"grid": "int", "bits": 8, "group_size": -1}
     steps = {
         "rtn": [{"rtn": grid}],
         "gptq": [{"gptq": gptq}],
-        "awq": [{"awq": grid}],
+        "awq": [{"awq": {**grid, "clip": args.clip}}],
         "awq+gptq": [{"awq": {**grid, "then": "none"}}, {"gptq": gptq}],
+        "mixed": [{"mixed_precision": mixed}],
+        "w8a8": ([{"smoothquant": {"alpha": args.smooth}}] if args.smooth > 0 else [])
+        + [{"rtn": int8}, {"activations": {"mode": args.act}}],
     }[args.method]
     ctx = _run_one_stage(args, steps, "compactor quantize")
     for rep in ctx.reports:
@@ -220,9 +228,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed test")
     e.set_defaults(fn=cmd_eval)
 
-    q = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ, AWQ) on an int, NF4 or GGUF grid")
+    q = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ, AWQ, mixed precision) on an int, "
+                       "NF4 or GGUF grid, or weights + activations (W8A8)")
     q.add_argument("model")
-    q.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq"], default="gptq")
+    q.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq", "mixed", "w8a8"], default="gptq")
     q.add_argument("--grid", default="int", help="int, nf4, or a GGUF type: q8_0 q5_0 q5_1 q4_0 q4_1 "
                    "iq4_nl q6_k q5_k q4_k q3_k q2_k (default int)")
     q.add_argument("--bits", type=int, default=4, help="int grid bits, 2..8 (default 4)")
@@ -232,6 +241,19 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="GPTQ without activation order (default: act-order with static groups)")
     q.add_argument("--dampening", type=float, default=0.01, help="GPTQ damping fraction (default 0.01)")
+    q.add_argument("--clip", action="store_true", help="AWQ: also search per-group clipping ranges")
+    q.add_argument("--target-bpw", type=float, default=4.5,
+                   help="mixed: average bits per weight over the linears (+ embedding) (default 4.5)")
+    q.add_argument("--candidates", default=None,
+                   help="mixed: comma-separated GGUF grids (default q3_k,q4_0,q4_k,q5_0,q5_k,q6_k,q8_0)")
+    q.add_argument("--sensitivity", choices=["kl", "hessian"], default="kl",
+                   help="mixed: measured KL per layer (default) or the Hessian proxy alone")
+    q.add_argument("--no-embeddings", action="store_true",
+                   help="mixed: leave the embedding/head out of the allocation")
+    q.add_argument("--then", choices=["rtn", "gptq"], default="rtn", help="mixed: quantizer on the planned grids")
+    q.add_argument("--act", choices=["dynamic", "static"], default="dynamic",
+                   help="w8a8: per-token dynamic or calibrated static activation scales")
+    q.add_argument("--smooth", type=float, default=0.5, help="w8a8: SmoothQuant alpha, 0 = off (default 0.5)")
     q.add_argument("--calib-data", default="austen:calib", help="calibration text (default austen:calib)")
     q.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--calib-window", type=int, default=512, help="calibration window length (default 512)")

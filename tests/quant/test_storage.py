@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from compactor.api import quantize_
@@ -34,3 +35,30 @@ def test_quantized_size_counts_packed_bits(tiny):
     linear_params = sum(m.out_features * m.in_features for m in tiny.modules() if isinstance(m, QuantizedLinear))
     assert n_after == n_before
     assert before - after == linear_params * 4 - linear_params * 18 // 32
+
+
+def test_w8a8_model_saves_loads_and_refuses_export(tmp_path, tok):
+    import copy as _copy
+
+    from compactor.api import quantize_
+    from compactor.errors import CompactorError
+    from compactor.export.api import export_model
+    from compactor.models.load import load_model
+    from compactor.models.tiny import tiny_model
+    from compactor.quant.activations import ActivationQuantConfig, ActQuantLinear
+    from compactor.quant.rtn import RTNConfig
+    from compactor.quant.storage import save_model
+
+    m = tiny_model()
+    quantize_(m, RTNConfig(grid="int", bits=8, group_size=-1))
+    quantize_(m, ActivationQuantConfig(mode="dynamic"))
+    save_model(m, tok, tmp_path / "w8a8")
+    back = load_model(tmp_path / "w8a8")
+    q = back.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, ActQuantLinear) and q.mode == "dynamic" and back.info["quantized_modules"] == 14
+    ids = torch.arange(30)[None]
+    with torch.no_grad():
+        assert torch.equal(back.model(ids).logits, m(ids).logits)
+    with pytest.raises(CompactorError, match="W8A8"):
+        export_model(back, "gguf", tmp_path / "x.gguf", verify=False, progress=False)
+    assert not (tmp_path / "x.gguf").exists()

@@ -81,6 +81,15 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, *, overwrite: b
         from compactor.data.windows import windows_for
 
         windows = windows_for(loaded.tokenizer, "austen:eval", 512, max_tokens=2048)
+    from compactor.quant.activations import ActQuantLinear
+
+    acts = [n for n, m in loaded.model.named_modules() if isinstance(m, ActQuantLinear)]
+    if acts:
+        # The file would silently run with float activations: refuse instead.
+        raise CompactorError(
+            f"{len(acts)} modules (first: {acts[0]}) quantize their activations (W8A8), which "
+            f"compactor cannot write as {fmt} yet; the weights alone can be exported from a "
+            "model quantized without the activations step")
     prov = {**source_provenance(loaded), **(provenance or {})}
     if fmt == "gguf":
         return _export_gguf(loaded, out, verify, windows, prov, progress, **options)

@@ -4,7 +4,8 @@ An output directory stays a normal transformers checkpoint (``model.safetensors`
 dequantized weights, so plain transformers loads it) and adds the integer codes and grid
 parameters of every quantized linear in ``quantization.safetensors``, described by
 ``quantization.json``. compactor restores :class:`QuantizedLinear` modules from them, and
-exporters pack those codes without re-rounding.
+exporters pack those codes without re-rounding. Activation quantization (W8A8) is recorded
+per module in ``activations.json`` (mode, bits, calibrated scale) and re-applied on load.
 """
 
 from __future__ import annotations
@@ -19,28 +20,40 @@ from safetensors.torch import load_file, save_file
 
 from compactor.errors import CompactorError
 from compactor.primitives.qparams import QParams
+from compactor.quant.activations import ActQuantLinear
 from compactor.quant.qlinear import QuantizedEmbedding, QuantizedLinear, tie_head
 
 MANIFEST = "quantization.json"
 TENSORS = "quantization.safetensors"
+ACTIVATIONS = "activations.json"
 
 
 def quantized_modules(model, linear_only: bool = False) -> dict[str, QuantizedLinear]:
-    """Every module stored as codes (linears and a quantized embedding), by name."""
-    return {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)
-            and not (linear_only and isinstance(m, QuantizedEmbedding))}
+    """Every module stored as codes (linears and a quantized embedding), by name; a linear
+    wrapped for activation quantization is named by its wrapper's (architecture) name."""
+    out = {}
+    for n, m in model.named_modules():
+        if isinstance(m, ActQuantLinear) and isinstance(m.inner, QuantizedLinear):
+            out[n] = m.inner
+        elif isinstance(m, QuantizedLinear) and not n.endswith(".inner"):
+            if not (linear_only and isinstance(m, QuantizedEmbedding)):
+                out[n] = m
+    return out
 
 
 @contextlib.contextmanager
 def dequantized_view(model) -> Iterator[None]:
-    """Temporarily swap quantized modules for plain Linear/Embedding ones (for save_pretrained)."""
-    qmods = quantized_modules(model)
-    for n, m in qmods.items():
-        model.set_submodule(n, m.to_linear())
+    """Temporarily swap quantized modules (and activation wrappers) for plain Linear /
+    Embedding ones, so that the model is its architecture's own (for save_pretrained)."""
+    swapped = {n: m for n, m in model.named_modules()
+               if isinstance(m, ActQuantLinear) or (isinstance(m, QuantizedLinear) and not n.endswith(".inner"))}
+    for n, m in swapped.items():
+        inner = m.inner if isinstance(m, ActQuantLinear) else m
+        model.set_submodule(n, inner.to_linear() if isinstance(inner, QuantizedLinear) else inner)
     try:
         yield
     finally:
-        for n, m in qmods.items():
+        for n, m in swapped.items():
             model.set_submodule(n, m)
 
 
@@ -65,6 +78,10 @@ def save_quantization(model, directory: Path) -> dict:
     if manifest:
         save_file(tensors, str(directory / TENSORS))
         (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    acts = {n: {"mode": m.mode, "bits": m.bits, "scale": float(m.act_scale)}
+            for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
+    if acts:
+        (directory / ACTIVATIONS).write_text(json.dumps(acts, indent=1))
     return manifest
 
 
@@ -73,13 +90,13 @@ def restore_quantization(model, directory: Path, lm_head: str = "lm_head") -> in
     quantized embedding is re-shared with a tied head at ``lm_head``). Returns how many
     were restored (0 if the directory holds no quantization)."""
     path = Path(directory) / MANIFEST
-    if not path.exists():
-        return 0
-    manifest = json.loads(path.read_text())
-    try:
-        t = load_file(str(Path(directory) / TENSORS))
-    except Exception as exc:
-        raise CompactorError(f"{directory}/{TENSORS} is unreadable: {exc}") from None
+    manifest = json.loads(path.read_text()) if path.exists() else {}
+    t = {}
+    if manifest:
+        try:
+            t = load_file(str(Path(directory) / TENSORS))
+        except Exception as exc:
+            raise CompactorError(f"{directory}/{TENSORS} is unreadable: {exc}") from None
     for n, info in manifest.items():
         try:
             lin = model.get_submodule(n)
@@ -98,6 +115,13 @@ def restore_quantization(model, directory: Path, lm_head: str = "lm_head") -> in
         else:
             model.set_submodule(n, QuantizedLinear(codes, qp, info["grid"], info["bits_per_weight"],
                                                    getattr(lin, "bias", None), torch.float32))
+    acts_path = Path(directory) / ACTIVATIONS
+    for n, a in (json.loads(acts_path.read_text()) if acts_path.exists() else {}).items():
+        try:
+            inner = model.get_submodule(n)
+        except AttributeError:
+            raise CompactorError(f"{acts_path}: module {n} is not in the model") from None
+        model.set_submodule(n, ActQuantLinear(inner, a["mode"], a["bits"], torch.tensor(a["scale"])))
     return len(manifest)
 
 
