@@ -38,8 +38,6 @@ def test_quantized_size_counts_packed_bits(tiny):
 
 
 def test_w8a8_model_saves_loads_and_refuses_export(tmp_path, tok):
-    import copy as _copy
-
     from compactor.api import quantize_
     from compactor.errors import CompactorError
     from compactor.export.api import export_model
