@@ -84,12 +84,12 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, *, overwrite: b
     from compactor.quant.activations import ActQuantLinear
 
     acts = [n for n, m in loaded.model.named_modules() if isinstance(m, ActQuantLinear)]
-    if acts:
+    if acts and fmt != "compressed-tensors":
         # The file would silently run with float activations: refuse instead.
         raise CompactorError(
             f"{len(acts)} modules (first: {acts[0]}) quantize their activations (W8A8), which "
-            f"compactor cannot write as {fmt} yet; the weights alone can be exported from a "
-            "model quantized without the activations step")
+            f"compactor cannot write as {fmt}; export compressed-tensors (vLLM's W8A8 format), "
+            "or quantize without the activations step to export the weights")
     prov = {**source_provenance(loaded), **(provenance or {})}
     if fmt == "gguf":
         return _export_gguf(loaded, out, verify, windows, prov, progress, **options)

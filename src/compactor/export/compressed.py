@@ -1,4 +1,6 @@
-"""compressed-tensors ``pack-quantized`` checkpoints (transformers and vLLM load them).
+"""compressed-tensors checkpoints (transformers and vLLM load them): ``pack-quantized`` for
+weight-only models, ``int-quantized`` for W8A8 (int8 weights and int8 input activations,
+dynamic per token or static per tensor with our calibrated scale).
 
 Every :class:`QuantizedLinear` on a linear integer grid with an integer zero point maps
 exactly: codes ``q`` with ``value = scale * (q - zero)`` become compressed-tensors codes
@@ -51,17 +53,30 @@ def ct_args(m: QuantizedLinear, name: str) -> tuple[int, bool, int | None]:
     return bits, qp.offset is None, group
 
 
-def _schemes(qmods: dict[str, QuantizedLinear]):
+def act_modes(model) -> dict[str, tuple[str, int]]:
+    """(mode, bits) of every linear whose input is quantized (W8A8), by module name."""
+    from compactor.quant.activations import ActQuantLinear
+
+    return {n: (m.mode, m.bits) for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
+
+
+def _schemes(qmods: dict[str, QuantizedLinear], acts: dict[str, tuple[str, int]]):
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     groups: dict[tuple, list[str]] = {}
     for name, m in qmods.items():
-        groups.setdefault(ct_args(m, name), []).append(name)
+        groups.setdefault((ct_args(m, name), acts.get(name)), []).append(name)
     schemes = {}
-    for i, ((bits, sym, group), names) in enumerate(sorted(groups.items(), key=str)):
+    for i, (((bits, sym, group), act), names) in enumerate(sorted(groups.items(), key=str)):
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym,
                                 strategy="group" if group else "channel", group_size=group)
-        schemes[f"group_{i}"] = QuantizationScheme(targets=sorted(names), weights=args)
+        inputs = None
+        if act is not None:
+            mode, abits = act
+            inputs = QuantizationArgs(num_bits=abits, type="int", symmetric=True,
+                                      strategy="token" if mode == "dynamic" else "tensor",
+                                      dynamic=mode == "dynamic")
+        schemes[f"group_{i}"] = QuantizationScheme(targets=sorted(names), weights=args, input_activations=inputs)
     return schemes
 
 
@@ -76,10 +91,15 @@ def export_compressed_tensors(model, tokenizer, out: Path, progress: bool = True
     qmods = quantized_modules(model, linear_only=True)  # vLLM reads embeddings as float
     if not qmods:
         raise CompactorError("the model has no quantized linear layers to write as compressed-tensors")
-    schemes = _schemes(qmods)
+    acts = act_modes(model)
+    if missing := sorted(set(acts) - set(qmods)):
+        raise CompactorError(f"{missing[0]}: activations are quantized but the weights are float; "
+                             "compressed-tensors W8A8 needs int8 weights too (add an rtn/gptq step)")
+    fmt = "int-quantized" if acts else "pack-quantized"
+    schemes = _schemes(qmods, acts)
     with dequantized_view(model):
         dense = copy.deepcopy(model)
-    config = QuantizationConfig(config_groups=schemes, format="pack-quantized")
+    config = QuantizationConfig(config_groups=schemes, format=fmt)
     apply_quantization_config(dense, config, show_progress=False)
     with torch.no_grad():
         for name, m in qmods.items():
@@ -91,13 +111,17 @@ def export_compressed_tensors(model, tokenizer, out: Path, progress: bool = True
             if not sym:
                 zp = m.qparams.extra["zero_point"].to(torch.int32) - half
                 mod.weight_zero_point.data = zp.to(mod.weight_zero_point.dtype).reshape(mod.weight_zero_point.shape)
-    compressor = ModelCompressor.from_pretrained_model(dense, quantization_format="pack-quantized")
+            if acts.get(name, ("",))[0] == "static":  # our calibrated per-tensor input scale
+                scale = model.get_submodule(name).act_scale
+                mod.input_scale.data = scale.to(mod.input_scale.dtype).reshape(mod.input_scale.shape)
+    compressor = ModelCompressor.from_pretrained_model(dense, quantization_format=fmt)
     compressor.compress_model(dense)
     # The package recomputed codes from (weight, scale, zero point): they must be ours.
     for name, m in qmods.items():
         mod = dense.get_submodule(name)
         bits = ct_args(m, name)[0]
-        codes = unpack_from_int32(mod.weight_packed.data, bits, torch.Size([m.out_features, m.in_features]))
+        codes = (mod.weight.data if fmt == "int-quantized" else
+                 unpack_from_int32(mod.weight_packed.data, bits, torch.Size([m.out_features, m.in_features])))
         shift = 0 if m.qparams.offset is None else 1 << (bits - 1)
         bad = (codes.to(torch.int32) != m.codes.to(torch.int32) - shift).sum().item()
         if bad:

@@ -1,6 +1,8 @@
 """Activation quantization for W8A8: int8 inputs to linear layers, either dynamic (one
 absmax scale per token, computed at run time) or static (one scale per tensor, calibrated
-as the maximum |x| seen on calibration data). Simulated: inputs are quantized and
+as the maximum |x| seen on calibration data). Scales follow the symmetric weight grid and
+compressed-tensors: ``s = absmax / ((2^b - 1) / 2)``, codes clamped to ``[-2^(b-1),
+2^(b-1) - 1]``, so an exported checkpoint reproduces these values exactly. Simulated: inputs are quantized and
 dequantized before the (possibly weight-quantized) linear runs, which is what an int8 GEMM
 computes up to its accumulator precision.
 """
@@ -20,7 +22,7 @@ from compactor.registry import register
 def quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     """Fake-quantize ``x [..., in]`` with one symmetric absmax scale per token."""
     qmax = 2 ** (bits - 1) - 1
-    s = (x.abs().amax(-1, keepdim=True) / qmax).clamp_min(1e-8)
+    s = (x.abs().amax(-1, keepdim=True) / ((2 ** bits - 1) / 2)).clamp_min(1e-8)
     return torch.round(x / s).clamp(-qmax - 1, qmax) * s
 
 
@@ -85,6 +87,6 @@ def apply_activation_quant(module: nn.Module, cfg: ActivationQuantConfig, name: 
     if cfg.mode == "static":
         if stats is None:
             raise ValueError(f"{name}: static activation ranges need calibration statistics")
-        scale = stats.abs_max.max() / (2 ** (cfg.bits - 1) - 1)
+        scale = stats.abs_max.max() / ((2 ** cfg.bits - 1) / 2)
         return ActQuantLinear(module, "static", cfg.bits, scale.clamp_min(1e-8))
     return ActQuantLinear(module, "dynamic", cfg.bits)
