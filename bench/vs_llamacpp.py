@@ -9,7 +9,9 @@ inside llama.cpp on the same tokens.
   matrix multiply, the mean of x² — gathered by compactor's sequential runner on the float
   model over the same calibration windows our methods use (``compactor.export.llamacpp``).
 * compactor's files: GPTQ / AWQ+GPTQ on a GGUF grid, exported with the codes as chosen and
-  the embedding (tied head) at the type named in the row, verified in llama.cpp.
+  the embedding (tied head) at the type named in the row, verified in llama.cpp; and mixed
+  precision (KL-planned grid per linear and for the embedding, then GPTQ) at a budget in
+  bits per weight over those weights.
 * Every file: real file size, bits per weight = bytes·8 / parameters, PPL, mean KL(reference ‖
   file) and p99, top-1 agreement on the Austen evaluation split; then, in a second phase with
   nothing else running, prompt (512 tokens) and generation (128 tokens) speed, 2 threads.
@@ -39,6 +41,8 @@ from compactor.export.gguf import GGUFTypes, export_gguf
 from compactor.export.llamacpp import collect_imatrix, llamacpp_quantize
 from compactor.io import home
 from compactor.models.load import load_model
+from compactor.quant.mixed import MixedPrecisionConfig, plan_mixed_precision
+from compactor.quant.plan import apply_planned
 
 LLAMACPP = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_1", "q4_0", "iq4_xs", "q3_k_m", "q2_k")
 #: (method, grid, embedding types to export with)
@@ -47,6 +51,10 @@ OURS = (
     ("gptq", "q4_k", ("q8_0", "q5_0")),
     ("awq+gptq", "iq4_nl", ("q8_0", "q5_0")),
     ("gptq", "q3_k", ("q8_0", "q4_0")),
+    # Mixed precision: KL-planned grids for every linear and the embedding, then GPTQ; the
+    # grid here is the budget in bits per weight over linears + embedding.
+    ("mixed", "5.25", ("planned",)),
+    ("mixed", "4.5", ("planned",)),
 )
 JSON = RESULTS / "vs_llamacpp.json"
 
@@ -106,16 +114,21 @@ def main() -> None:
                 continue
             model = copy.deepcopy(ref.model)
             t0 = time.perf_counter()
-            quantize(model, method, GRIDS[grid], calib, dtype)
+            if method == "mixed":
+                cfg = MixedPrecisionConfig(target_bpw=float(grid), then="gptq")
+                apply_planned(model, calib, cfg, plan_mixed_precision, adapter=ref.adapter, progress=False)
+            else:
+                quantize(model, method, GRIDS[grid], calib, dtype)
             seconds = time.perf_counter() - t0
             loaded = copy.copy(ref)
             loaded.model = model
             for embed in todo:
                 name = _our_name(method, grid, embed)
                 path = work / f"compactor-{method.replace('+', '-')}-{grid}-emb{embed}.gguf"
+                etype = "q8_0" if embed == "planned" else embed  # a planned embedding keeps its codes
                 path.unlink(missing_ok=True)
                 res = export_model(loaded, "gguf", path, windows=win.head(4), progress=False,
-                                   types=GGUFTypes("f16", embed),
+                                   types=GGUFTypes("f16", etype),
                                    provenance={"calibration": calib.provenance})
                 score(path, name, "compactor", {"method": method, "grid": grid, "embed": embed,
                                                 "seconds": round(seconds, 1),
@@ -136,6 +149,8 @@ def main() -> None:
 
 
 def _our_name(method: str, grid: str, embed: str) -> str:
+    if method == "mixed":
+        return f"compactor mixed {grid} bpw (KL) + GPTQ, embed planned"
     return f"compactor {method.upper()} {grid.upper()}, embed {embed.upper()}"
 
 

@@ -21,6 +21,7 @@ accumulated in float32 and the methods always quantize the float32 weights.
 from __future__ import annotations
 
 import copy
+import ctypes
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -202,14 +203,27 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                 runner = copy.deepcopy(layer).to(dtype)
         # Propagate the compressed layer's outputs to the next layer.
         with torch.no_grad(), _replayed(runner, cache if follow is None else {}, replayable):
-            outputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
-        if on_layer is not None:
-            on_layer(li, [h for h, _ in inputs], [h for h, _ in outputs])
-        inputs = outputs
-        del runner
+            if on_layer is None:  # overwrite batch by batch: one copy of the activations, not two
+                for i, (hidden, kwargs) in enumerate(inputs):
+                    inputs[i] = (_out(runner(hidden, **kwargs)), kwargs)
+            else:
+                outputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+                on_layer(li, [h for h, _ in inputs], [h for h, _ in outputs])
+                inputs = outputs
+        del runner, cache
+        _release_freed_memory()
     report.seconds = time.perf_counter() - t0
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by the layer just done back to the OS (glibc keeps freed chunks of
+    replaced weights and activations in its heap otherwise, and peak RSS creeps up)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def _replayed(layer, cache: dict[str, list], replayable: dict[str, bool]) -> contextlib.ExitStack:
