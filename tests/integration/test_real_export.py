@@ -42,3 +42,24 @@ def test_compressed_tensors_int4_reloads_in_transformers(smol, tmp_path):
     res = export_model(loaded, "compressed-tensors", tmp_path / "ct", progress=False)
     assert res.verification["passed"] and res.verification["kld_mean"] < 1e-6
     assert res.summary["size_bytes"] < 0.4 * 134_515_008 * 4
+
+
+def test_mixed_precision_with_planned_embedding_in_llama_cpp(smol, tmp_path):
+    """Measured-KL mixed precision (embedding included) at 4.5 bpw: the plan meets the
+    budget, and llama.cpp reads the planned token_embd codes and reproduces the model."""
+    from compactor.data.windows import windows_for
+    from compactor.quant.mixed import MixedPrecisionConfig, plan_mixed_precision
+    from compactor.quant.plan import apply_planned
+
+    loaded = copy.copy(smol)
+    loaded.model = copy.deepcopy(smol.model)
+    calib = windows_for(smol.tokenizer, "austen:calib", 512, max_tokens=4 * 512)
+    cfg = MixedPrecisionConfig(target_bpw=4.5, kl_tokens=512)
+    rep = apply_planned(loaded.model, calib, cfg, plan_mixed_precision, adapter=smol.adapter, progress=False)
+    assert rep["achieved_bpw"] <= 4.5 and len(rep["measured_kl"]) == 30 + 1
+    assert len(set(rep["plan"].values())) > 1
+    res = export_model(loaded, "gguf", tmp_path / "mixed.gguf", progress=False)
+    v = res.verification
+    # 210 linears + the embedding, all written as codes; only the norms stay float.
+    assert v["passed"] and v["tensors_checked"] == 211 and v["max_tensor_error"] == 0.0
+    assert res.summary["tensors_by_origin"] == {"codes": 211, "float": 61}
