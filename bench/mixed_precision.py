@@ -62,7 +62,12 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="*", type=float, default=[4.5, 5.5])
     ap.add_argument("--calib-samples", type=int, default=64)
     ap.add_argument("--eval-tokens", type=int, default=8192)
+    ap.add_argument("--table-only", action="store_true", help="re-render the table from the JSON")
     args = ap.parse_args()
+    if args.table_only:
+        meta = json.loads((RESULTS / "mixed_precision.json").read_text())
+        _write(meta["rows"], meta["windows"], meta["calib"], meta["ref_ppl"])
+        return
     ref = load_model("smollm2-135m")
     win = windows_for(ref.tokenizer, "austen:eval", 512, max_tokens=args.eval_tokens)
     calib = windows_for(ref.tokenizer, "austen:calib", 512, max_tokens=args.calib_samples * 512)
@@ -84,21 +89,24 @@ def main() -> None:
         records.append(dict(budget=budget, allocation=how, method=method, bpw=bpw, mix=mix,
                             ppl=r.ppl, kld_mean=r.kld_mean, kld_p99=r.kld_p99, top1=r.top1,
                             size_mb=r.size_bytes / 1e6, seconds=wall,
-                            embed=rep.get("plan", {}).get(ref.adapter.embed, UNIFORM[budget]),
+                            embed=model.get_submodule(ref.adapter.embed).label,
                             measured_kl=rep.get("measured_kl")))
         print(_row(records[-1]), flush=True)
-        _write(records, win, calib, r.ref_ppl)
+        _write(records, len(win), len(calib), r.ref_ppl)
 
 
 def _row(r: dict) -> str:
+    from compactor.primitives.ggml import resolve_type
+
+    embed = resolve_type(r["embed"], 576)[0].name  # a K-quant candidate reported as its fallback
     mix = ", ".join(f"{k} {v:.0%}" for k, v in sorted(r["mix"].items(), key=lambda kv: -kv[1]))
     bpw = f"{r['bpw']:.3f}"
-    return (f"| {r['budget']} | {r['allocation']} | {r['method']} | {bpw} | {mix} | {r['embed']} | "
+    return (f"| {r['budget']} | {r['allocation']} | {r['method']} | {bpw} | {mix} | {embed} | "
             f"{r['size_mb']:.1f} | {r['ppl']:.3f} | {r['kld_mean']:.4f} | {r['kld_p99']:.3f} | "
             f"{100 * r['top1']:.1f}% | {r['seconds']:.0f} |")
 
 
-def _write(records, win, calib, ref_ppl):
+def _write(records, n_win, n_calib, ref_ppl):
     body = (
         "Weights counted: the 210 decoder linears and the tied embedding/head (28.3 M of the "
         "134.5 M parameters); norms stay float. `uniform`: every one of them on the budget's "
@@ -111,14 +119,15 @@ def _write(records, win, calib, ref_ppl):
         "Then RTN, or GPTQ on the planned grids. K-quants apply to down_proj only (576-wide "
         "rows fall back as llama.cpp does: q3_k -> q4_0, q4_k -> q5_0, q5_k -> q5_1, "
         "q6_k -> q8_0). "
-        f"Calibration: Austen calib split, {len(calib)} x 512 tokens. Evaluation: Austen eval split, "
-        f"{len(win)} x 512 tokens, against the float reference (PPL {ref_ppl:.3f}). size MB: the "
+        f"Calibration: Austen calib split, {n_calib} x 512 tokens. Evaluation: Austen eval split, "
+        f"{n_win} x 512 tokens, against the float reference (PPL {ref_ppl:.3f}). size MB: the "
         "in-memory model's storage (codes + scales + float norms). seconds: planning + quantization.\n\n"
         "| budget bpw | allocation | then | achieved bpw | grid mix (share of weights) | embedding | "
         "size MB | PPL | KLD mean | KLD p99 | top-1 | seconds |\n"
         "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(_row(r) for r in records))
     write_result("mixed_precision", "Mixed precision (SmolLM2-135M)", body)
-    (RESULTS / "mixed_precision.json").write_text(json.dumps(records, indent=1, default=str))
+    meta = {"windows": n_win, "calib": n_calib, "ref_ppl": ref_ppl, "rows": records}
+    (RESULTS / "mixed_precision.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
 if __name__ == "__main__":

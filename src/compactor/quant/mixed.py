@@ -183,7 +183,9 @@ def plan_mixed_precision(modules: dict[str, torch.nn.Linear], hessians: dict, cf
         bar.close()
     errors = [err[n] for n in names]
     choice = allocate_bits(sizes, bits, errors, cfg.target_bpw)
-    plan = {n: cfg.candidates[k] for n, k in zip(names, choice)}
+    # The plan names the grid each module really gets (a K-quant candidate on rows it
+    # cannot take is reported as its fallback).
+    plan = {n: labels[m][k] for m, (n, k) in enumerate(zip(names, choice))}
     achieved = sum(s * bits[m][k] for m, (s, k) in enumerate(zip(sizes, choice))) / sum(sizes)
     mix = {}
     for m, k in enumerate(choice):
