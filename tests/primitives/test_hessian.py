@@ -15,6 +15,21 @@ def test_accumulator_matches_naive_sum():
     assert torch.allclose(acc.mean_sq(), X.pow(2).mean(0), atol=1e-6)
 
 
+def test_blocked_upper_accumulation_matches_full_product():
+    """Wide inputs accumulate only block rows' upper parts; the result is the full x^T x."""
+    g = torch.Generator().manual_seed(1)
+    for n in (300, 1100):  # 2 and 4 block rows, the last one shorter
+        acc = HessianAccumulator(n)
+        X = torch.randn(3, 50, n, generator=g)
+        for x in X:
+            acc.add(x)
+        X = X.reshape(-1, n).double()
+        ref = (X.T @ X / X.shape[0]).float()
+        assert torch.allclose(acc.second_moment(), ref, atol=1e-4)
+        assert torch.allclose(acc.hessian(), 2 * ref, atol=2e-4)
+        assert torch.equal(acc.hessian(), acc.hessian().T)
+
+
 def test_dead_columns_and_inverse_factor():
     H = torch.diag(torch.tensor([2.0, 0.0, 1.0]))
     Hd, dead = prepare_hessian(H, 0.01)

@@ -18,17 +18,31 @@ class HessianAccumulator:
     def __init__(self, in_features: int):
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32)
         self.count = 0
+        # x^T x is symmetric: accumulate only the block rows' upper parts (blocks (i, j >= i)),
+        # 62-75 % of the full product's work; hessian() mirrors the rest.
+        n_blocks = 1 if in_features < 256 else 2 if in_features < 1024 else 4
+        self._block = -(-in_features // n_blocks)
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.sum.addmm_(x.T, x)
+        b = self._block
+        for i in range(0, x.shape[1], b):
+            self.sum[i:i + b, i:].addmm_(x[:, i:i + b].T, x[:, i:])
         self.count += x.shape[0]
+
+    def _full_sum(self) -> torch.Tensor:
+        """``sum x x^T`` with the lower triangle mirrored from the accumulated upper one."""
+        return torch.triu(self.sum) + torch.triu(self.sum, 1).T
 
     def hessian(self) -> torch.Tensor:
         """``H = 2/n * sum x x^T`` ([in, in], float32)."""
         if self.count == 0:
             raise ValueError("no calibration inputs were observed")
-        return self.sum * (2.0 / self.count)
+        return self._full_sum() * (2.0 / self.count)
+
+    def second_moment(self) -> torch.Tensor:
+        """``E[x x^T]`` ([in, in], float32)."""
+        return self._full_sum() / max(self.count, 1)
 
     def mean_sq(self) -> torch.Tensor:
         """Per-column mean of x^2 ([in]): llama.cpp's importance-matrix statistic."""

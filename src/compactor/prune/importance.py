@@ -55,7 +55,7 @@ def unit_importance(model, windows, adapter: Adapter | None = None, progress: bo
         if name.endswith(down_name):
             channels[li] = stats.mean_sq() * W.pow(2).sum(0)  # [intermediate]
         else:
-            sigma = stats.sum / max(stats.count, 1)  # E[x x^T], [heads*hd, heads*hd]
+            sigma = stats.second_moment()  # E[x x^T], [heads*hd, heads*hd]
             per_head = torch.stack([
                 ((W[:, h * hd:(h + 1) * hd] @ sigma[h * hd:(h + 1) * hd, h * hd:(h + 1) * hd])
                  * W[:, h * hd:(h + 1) * hd]).sum()
