@@ -66,6 +66,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--only", choices=["llamacpp", "ours"], default=None)
+    ap.add_argument("--methods", nargs="*", default=None, help="only our rows of these methods (e.g. mixed gptq)")
     args = ap.parse_args()
     work = home() / "bench" / "vs_llamacpp"
     work.mkdir(parents=True, exist_ok=True)
@@ -109,6 +110,8 @@ def main() -> None:
     if args.only != "llamacpp":
         dtype = calibration_dtype("auto")
         for method, grid, embeds in OURS:
+            if args.methods is not None and method not in args.methods:
+                continue
             todo = [e for e in embeds if _our_name(method, grid, e) not in done]
             if not todo:
                 continue
