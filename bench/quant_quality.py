@@ -23,7 +23,7 @@ from compactor.data.windows import windows_for
 from compactor.evaluate import evaluate
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
 from compactor.models.load import load_model
-from compactor.quant.activations import ActivationQuantConfig, apply_activation_quant
+from compactor.quant.activations import w8a8_
 from compactor.quant.awq import AWQConfig, apply_awq
 from compactor.quant.gptq import GPTQConfig, apply_gptq
 from compactor.quant.qlinear import QuantizedLinear
@@ -63,13 +63,7 @@ def quantize(model, method, kw, calib, dtype):
         if method.startswith("sq+"):
             run_sequential(model, calib, apply_smoothquant, SmoothQuantConfig(alpha=0.5), dtype=dtype,
                            progress=False)
-        quantize_(model, RTNConfig(**kw))
-        mode = method.rsplit("_", 1)[1]
-        act = ActivationQuantConfig(mode=mode)
-        if mode == "static":
-            run_sequential(model, calib, apply_activation_quant, act, dtype=dtype, progress=False)
-        else:
-            quantize_(model, act)
+        w8a8_(model, calib, method.rsplit("_", 1)[1])
         return
     if method == "rtn":
         quantize_(model, RTNConfig(**kw))

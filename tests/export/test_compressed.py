@@ -60,17 +60,12 @@ def test_w8a8_round_trip_in_transformers(tmp_path, tok, windows, mode):
     """int8 weights + int8 input activations: transformers (compressed-tensors' own QDQ)
     reproduces the in-memory W8A8 model."""
     from compactor.calibration.sequential import run_sequential
-    from compactor.quant.activations import ActivationQuantConfig, apply_activation_quant
+    from compactor.quant.activations import w8a8_
     from compactor.quant.smoothquant import SmoothQuantConfig, apply_smoothquant
 
     m = tiny_model("llama")
     run_sequential(m, windows, apply_smoothquant, SmoothQuantConfig(), progress=False)
-    quantize_(m, RTNConfig(grid="int", bits=8, group_size=-1))
-    act = ActivationQuantConfig(mode=mode)
-    if mode == "static":
-        run_sequential(m, windows, apply_activation_quant, act, progress=False)
-    else:
-        quantize_(m, act)
+    w8a8_(m, windows, mode)
     res = export_model(LoadedModel(m, tok, adapter_for(m), "tiny"), "compressed-tensors",
                        tmp_path / "ct", windows=windows, progress=False)
     assert res.verification["passed"] and res.verification["kld_mean"] < 1e-6

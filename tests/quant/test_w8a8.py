@@ -8,7 +8,7 @@ from compactor.calibration.sequential import run_sequential
 from compactor.data.windows import make_windows
 from compactor.evaluate import evaluate
 from compactor.models.tiny import tiny_model
-from compactor.quant.activations import (ActivationQuantConfig, ActQuantLinear, apply_activation_quant,
+from compactor.quant.activations import (w8a8_, ActivationQuantConfig, ActQuantLinear, apply_activation_quant,
                                          quantize_per_token)
 from compactor.quant.rtn import RTNConfig
 from compactor.quant.smoothquant import SmoothQuantConfig, apply_smoothquant
@@ -44,12 +44,7 @@ def test_smoothquant_keeps_model_and_helps_w8a8(setup):
     assert rep.pairs[0]["after"] < rep.pairs[0]["act_max_over_median_before"]
 
     def w8a8(m, mode):
-        quantize_(m, RTNConfig(grid="int", bits=8, group_size=-1))
-        cfg = ActivationQuantConfig(mode=mode)
-        if mode == "static":
-            run_sequential(m, w, apply_activation_quant, cfg, progress=False)
-        else:
-            quantize_(m, cfg)
+        w8a8_(m, w, mode)
         assert isinstance(m.model.layers[0].mlp.down_proj, ActQuantLinear)
         return m
 

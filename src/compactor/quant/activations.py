@@ -90,3 +90,18 @@ def apply_activation_quant(module: nn.Module, cfg: ActivationQuantConfig, name: 
         scale = stats.abs_max.max() / ((2 ** cfg.bits - 1) / 2)
         return ActQuantLinear(module, "static", cfg.bits, scale.clamp_min(1e-8))
     return ActQuantLinear(module, "dynamic", cfg.bits)
+
+
+def w8a8_(model, windows, mode: str = "dynamic", bits: int = 8) -> None:
+    """int8 per-channel weights (RTN) + int8 input activations on every linear, in place;
+    ``windows`` calibrate the static scales (unused when dynamic)."""
+    from compactor.api import quantize_
+    from compactor.calibration.sequential import run_sequential
+    from compactor.quant.rtn import RTNConfig
+
+    quantize_(model, RTNConfig(grid="int", bits=bits, group_size=-1))
+    act = ActivationQuantConfig(mode=mode, bits=bits)
+    if mode == "static":
+        run_sequential(model, windows, apply_activation_quant, act, progress=False)
+    else:
+        quantize_(model, act)
