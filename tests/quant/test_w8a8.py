@@ -8,8 +8,7 @@ from compactor.calibration.sequential import run_sequential
 from compactor.data.windows import make_windows
 from compactor.evaluate import evaluate
 from compactor.models.tiny import tiny_model
-from compactor.quant.activations import (w8a8_, ActivationQuantConfig, ActQuantLinear, apply_activation_quant,
-                                         quantize_per_token)
+from compactor.quant.activations import ActQuantLinear, quantize_per_token, w8a8_
 from compactor.quant.rtn import RTNConfig
 from compactor.quant.smoothquant import SmoothQuantConfig, apply_smoothquant
 
