@@ -11,11 +11,14 @@ import sys
 from pathlib import Path
 
 
-def _add_data_args(p: argparse.ArgumentParser, default: str = "austen:eval") -> None:
+def _add_data_args(p: argparse.ArgumentParser, default: str = "domains") -> None:
     p.add_argument("--data", "--text", dest="data", default=default,
-                   help=f"corpus split (austen:eval, austen:calib, austen:train, austen:<novel>) "
-                        f"or a .txt/.jsonl/.parquet file or directory (default {default})")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens to evaluate (default 32768)")
+                   help="evaluation text: 'domains' (Austen prose, Python code, technical prose, C "
+                        "headers), a split (austen:eval, code:eval, tech:eval, c:eval, chat:eval, "
+                        "austen:<novel>), a .txt/.jsonl/.parquet file or directory, or a "
+                        f"comma-separated list of these, each scored on its own (default {default})")
+    p.add_argument("--tokens", type=int, default=8192,
+                   help="tokens to evaluate per domain (default 8192)")
     p.add_argument("--window", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: window, no overlap)")
     p.add_argument("--bos", choices=["none", "prepend"], default="none",
@@ -34,7 +37,7 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from compactor.data.windows import windows_for
+    from compactor.data.windows import domain_windows
     from compactor.evaluate import evaluate, table, to_json
     from compactor.models.load import load_model
 
@@ -43,7 +46,8 @@ def cmd_eval(args) -> int:
     loaded = load_model(args.model) if not is_gguf or args.reference is None else None
     ref = load_model(args.reference) if args.reference else None
     tokenizer = (loaded or ref).tokenizer
-    win = windows_for(tokenizer, args.data, args.window, args.stride, args.bos, args.tokens)
+    by_domain = domain_windows(tokenizer, args.data, args.window, args.stride, args.bos, args.tokens)
+    win = next(iter(by_domain.values())) if len(by_domain) == 1 else by_domain
     target = args.model if is_gguf else loaded
     result = evaluate(target, win, reference=ref, speed=not args.no_speed,
                       name=Path(args.model).name)
@@ -169,7 +173,8 @@ def cmd_export(args) -> int:
               f"verification passed in {v['runtime']}: KLD vs memory {v['kld_mean']:.2e} on {v['tokens']} tokens, "
               f"top-1 {v['top1']:.3f}")
     size = s.get("size_bytes")
-    print(f"wrote {res.path}" + (f" ({size / 1e6:.1f} MB, {s['bpw']:.2f} bits per weight)" if size else ""))
+    print(f"wrote {res.path}" + (f" ({size / 1e6:.1f} MB, {s['bpw']:.2f} bits per weight)"
+                                 if size and "bpw" in s else ""))
     return 0
 
 
@@ -254,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--act", choices=["dynamic", "static"], default="dynamic",
                    help="w8a8: per-token dynamic or calibrated static activation scales")
     q.add_argument("--smooth", type=float, default=0.5, help="w8a8: SmoothQuant alpha, 0 = off (default 0.5)")
-    q.add_argument("--calib-data", default="austen:calib", help="calibration text (default austen:calib)")
+    q.add_argument("--calib-data", default="calib:mix",
+                   help="calibration text: calib:mix (prose, chat, code and technical text balanced "
+                        "by tokens; default), a split such as austen:calib, or a file/directory")
     q.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     q.add_argument("--calib-window", type=int, default=512, help="calibration window length (default 512)")
     _add_data_args(q)
@@ -290,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="structured: share of KV heads / MLP channels / layers removed (default 0.25)")
     pr.add_argument("--metric", choices=["block_influence", "angular"], default="block_influence",
                     help="layers: how to choose them")
-    pr.add_argument("--calib-data", default="austen:calib")
+    pr.add_argument("--calib-data", default="calib:mix", help="calibration text (default calib:mix)")
     pr.add_argument("--samples", type=int, default=64, help="calibration windows (default 64)")
     pr.add_argument("--calib-window", type=int, default=512)
     _add_data_args(pr)
@@ -309,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--student", default="layers:0.5",
                    help="student spec: layers:every-other, layers:0.5[:angular], channels:0.25, heads:0.33, "
                         "config:k=v,..., random, same, a model path, or '+'-chained (default layers:0.5)")
-    d.add_argument("--calib-data", default="austen:calib", help="text for importance-based student cuts")
+    d.add_argument("--calib-data", default="calib:mix", help="text for importance-based student cuts")
     d.add_argument("--data", help="training text (default austen:train)")
     d.add_argument("--tokens", type=int, help="training token budget")
     d.add_argument("--window", type=int, help="training window length (default 256)")
@@ -331,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int)
     d.add_argument("--eval-every", type=int)
     d.add_argument("--checkpoint-every", type=int)
-    d.add_argument("--eval-data", default="austen:eval")
-    d.add_argument("--eval-tokens", type=int, default=16384)
+    d.add_argument("--eval-data", default="domains", help="evaluation text, as eval --data (default domains)")
+    d.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens per domain (default 4096)")
     d.add_argument("--no-speed", action="store_true")
     d.add_argument("--out", required=True)
     d.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")

@@ -19,8 +19,12 @@ def windows():
     return make_windows(torch.randint(0, 256, (8 * 32,), generator=g).tolist(), length=32)
 
 
-def _by_hand(model, windows, cfg):
-    """Layer by layer, group by group, with a full model forward each time (slow, obvious)."""
+def _by_hand(model, windows, cfg, batch):
+    """Layer by layer, group by group, with a full model forward each time (slow, obvious).
+
+    The forwards take the same batches as the runner: float sums in another order move the
+    Hessian by ~1e-6, enough to flip a code, and GPTQ on a tiny random model amplifies one
+    flip into hundreds in the next layer."""
     a = adapter_for(model)
     layers = model.model.layers
     for li, layer in enumerate(layers):
@@ -28,7 +32,8 @@ def _by_hand(model, windows, cfg):
             acc = HessianAccumulator(layer.get_submodule(group[0]).in_features)
             h = layer.get_submodule(group[0]).register_forward_pre_hook(lambda m, args: acc.add(args[0]))
             with torch.no_grad():
-                model(windows.input_ids, use_cache=False)
+                for s in range(0, len(windows), batch):
+                    model(windows.input_ids[s:s + batch], use_cache=False)
             h.remove()
             for n in group:
                 layer.set_submodule(n, apply_gptq(layer.get_submodule(n), cfg, name=n, stats=acc))
@@ -41,7 +46,7 @@ def test_runner_equals_layer_by_layer_by_hand(windows, family):
     m1 = tiny_model(family)
     m2 = copy.deepcopy(m1)
     rep = run_sequential(m1, windows, apply_gptq, cfg, batch=3, progress=False)
-    _by_hand(m2, windows, cfg)
+    _by_hand(m2, windows, cfg, batch=3)
     assert len(rep.modules) == 14 and rep.peak_rss_bytes > 0
     for (n1, q1), (n2, q2) in zip(m1.named_modules(), m2.named_modules()):
         if isinstance(q1, QuantizedLinear):

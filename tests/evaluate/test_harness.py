@@ -99,3 +99,22 @@ def test_half_cache_changes_kld_negligibly(tiny, text_file, tok):
     half = evaluate(tiny, win, reference=CachedBackend(ref, half=True), speed=False, progress=False)
     assert abs(half.kld_mean - plain.kld_mean) < 1e-4 * max(plain.kld_mean, 1e-3)
     assert abs(half.ref_ppl - plain.ref_ppl) / plain.ref_ppl < 1e-4 and half.top1 == plain.top1
+
+
+def test_domains_scored_separately_and_averaged(windows):
+    a, b = tiny_model(seed=0), tiny_model(seed=1)
+    g = torch.Generator().manual_seed(2)
+    other = make_windows(torch.randint(0, 128, (300,), generator=g).tolist(), length=64)
+    r = evaluate(b, {"x": windows, "y": other}, reference=a, speed=False, progress=False)
+    rx = evaluate(b, windows, reference=a, speed=False, progress=False)
+    ry = evaluate(b, other, reference=a, speed=False, progress=False)
+    assert r.domains["x"]["kld_mean"] == pytest.approx(rx.kld_mean)
+    assert r.domains["y"]["ppl"] == pytest.approx(ry.ppl)
+    # Each domain weighs the same whatever its token count (6 vs 4 windows here).
+    assert r.kld_mean == pytest.approx((rx.kld_mean + ry.kld_mean) / 2)
+    assert r.top1 == pytest.approx((rx.top1 + ry.top1) / 2)
+    assert r.ppl == pytest.approx(math.sqrt(rx.ppl * ry.ppl))
+    assert r.tokens == rx.tokens + ry.tokens
+    assert set(r.windows) == {"x", "y"}
+    out = table([r])
+    assert "per domain" in out and "x KLD" in out and f"{rx.kld_mean:.5f}" in out

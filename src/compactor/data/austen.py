@@ -20,12 +20,11 @@ Each novel's lines are joined with newlines, as printed (hard wraps and blank li
 from __future__ import annotations
 
 import json
-import subprocess
 import tempfile
 import zlib
 from pathlib import Path
 
-from compactor.errors import CompactorError
+from compactor.data.debian import download_deb, unpack_deb
 from compactor.io import atomic_dir, home, sha256_file
 
 PACKAGE = "r-cran-janeaustenr"
@@ -42,36 +41,6 @@ SPLITS = {
     "train": ("emma", "mansfieldpark", "northangerabbey", "prideprejudice"),
     "eval": ("persuasion",),
 }
-
-_NO_SOURCE = (
-    "pass your own text instead with --data FILE (.txt, .jsonl with a 'text' field, "
-    ".parquet, or a directory of them)"
-)
-
-
-def _run(cmd: list[str], cwd: str | None = None) -> subprocess.CompletedProcess:
-    try:
-        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    except FileNotFoundError:
-        raise CompactorError(
-            f"cannot fetch the Austen corpus: {cmd[0]} is not available on this machine; "
-            + _NO_SOURCE
-        ) from None
-
-
-def _download_deb(workdir: str) -> Path:
-    proc = _run(["apt-get", "download", PACKAGE], cwd=workdir)
-    if proc.returncode != 0:
-        _run(["apt-get", "update", "-qq"])  # a fresh machine may have no package lists
-        proc = _run(["apt-get", "download", PACKAGE], cwd=workdir)
-    debs = list(Path(workdir).glob(f"{PACKAGE}_*.deb"))
-    if proc.returncode != 0 or not debs:
-        last = (proc.stderr.strip().splitlines() or ["apt-get failed"])[-1]
-        raise CompactorError(
-            f"cannot fetch the Austen corpus with `apt-get download {PACKAGE}` "
-            f"(no apt or no network?): {last}; " + _NO_SOURCE
-        )
-    return debs[0]
 
 
 def read_lazyload(rdx: Path, rdb: Path, name: str) -> list[str]:
@@ -105,10 +74,8 @@ def austen_dir() -> Path:
     if (dest / "manifest.json").exists():
         return dest
     with tempfile.TemporaryDirectory() as work:
-        deb = _download_deb(work)
-        proc = _run(["dpkg-deb", "-x", str(deb), str(Path(work) / "x")])
-        if proc.returncode != 0:
-            raise CompactorError(f"dpkg-deb could not unpack {deb.name}: {proc.stderr.strip()}")
+        deb = download_deb(PACKAGE, work, what="the Austen corpus")
+        unpack_deb(deb, Path(work) / "x")
         data = Path(work) / "x" / "usr/lib/R/site-library/janeaustenr/data"
         rdx, rdb = data / "Rdata.rdx", data / "Rdata.rdb"
         version = deb.name.split("_")[1]

@@ -67,7 +67,8 @@ def _read_file(path: Path) -> list[str]:
     )
 
 
-def _digest(parts: list[str]) -> str:
+def digest(parts: list[str]) -> str:
+    """sha256 of the concatenated UTF-8 parts (how every text's provenance is hashed)."""
     h = hashlib.sha256()
     for p in parts:
         h.update(p.encode("utf-8"))
@@ -89,18 +90,19 @@ def load_user_text(path: str | Path) -> Text:
     for f in files:
         file_docs = [d for d in _read_file(f) if d.strip()]
         docs.extend(file_docs)
-        per_file.append({"file": str(f.resolve()), "sha256": _digest(file_docs), "docs": len(file_docs)})
+        per_file.append({"file": str(f.resolve()), "sha256": digest(file_docs), "docs": len(file_docs)})
     if not docs:
         raise CompactorError(f"{path} contains no text")
     text = "\n\n".join(docs)
     return Text(text, {"source": "user", "path": str(path.resolve()), "files": per_file,
-                       "sha256": _digest([text])})
+                       "sha256": digest([text])})
 
 
 def load_corpus(name: str, split: str) -> Text:
     """A bundled corpus split, e.g. ``("austen", "eval")`` or a single novel."""
     if name != "austen":
-        raise CompactorError(f"unknown corpus {name!r}; known: austen (or give a file path)")
+        raise CompactorError(f"unknown corpus {name!r}; known: austen, prose, chat, code, tech, c, "
+                             "calib:mix (or give a file path)")
     from compactor.data import austen
 
     if split in austen.SPLITS:
@@ -124,15 +126,27 @@ def load_corpus(name: str, split: str) -> Text:
         "split": split,
         "novels": [austen.NOVELS[n] for n in novels],
         "files": [{"file": str(root / f"{n}.txt"), "sha256": man["files_sha256"][n]} for n in novels],
-        "sha256": _digest([text]),
+        "sha256": digest([text]),
     })
 
 
-def load_text(spec: str | Path) -> Text:
-    """``"austen:eval"``-style corpus splits, or a path to user text."""
+def load_text(spec: str | Path, tokenizer=None, max_chars: int | None = None) -> Text:
+    """``"austen:eval"``-style corpus splits, domain splits (``code:eval``, ``tech:calib``,
+    ``chat:calib``, ``c:eval``, ``prose:eval`` = ``austen:eval``; see
+    :mod:`compactor.data.domains`), or a path to user text.
+
+    ``tokenizer``: renders chat turns with its chat template; ``max_chars``: domain splits
+    stop adding files once they hold this many characters (corpora and user files are
+    always read whole)."""
     s = str(spec)
     if ":" in s and not Path(s).exists():
         name, split = s.split(":", 1)
+        from compactor.data import domains
+
+        if name == "prose":
+            name = "austen"
+        if domains.is_domain(name):
+            return domains.load_domain(name, split, tokenizer, max_chars)
         return load_corpus(name, split)
     if s == "austen":
         return load_corpus("austen", "eval")

@@ -111,12 +111,76 @@ def windows_for(
     bos: Literal["none", "prepend"] = "none",
     max_tokens: int | None = None,
 ) -> TokenWindows:
-    """Load text by ``spec`` (corpus split or path), tokenize, and cut windows."""
+    """Load text by ``spec`` (corpus or domain split, ``calib:mix``, or a path), tokenize,
+    and cut windows."""
     from compactor.data.sources import load_text
 
-    text = load_text(spec)
+    if str(spec) == MIX_SPEC:
+        return mix_windows(tokenizer, length, bos, max_tokens)
+    # Domain splits are large (the stdlib holds ~25M characters): read only what the
+    # requested tokens need, with a generous margin (~6 characters a token).
+    max_chars = None if max_tokens is None else max_tokens * 6 + 4096
+    text = load_text(spec, tokenizer, max_chars=max_chars)
     ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
     win = make_windows(ids, length, stride, bos, tokenizer.bos_token_id, max_tokens)
     win.provenance = {**text.provenance, "spec": str(spec),
                       "tokenizer": type(tokenizer).__name__, **win.provenance}
     return win
+
+
+#: The default calibration set: prose, chat, code and technical text balanced by tokens.
+MIX_SPEC = "calib:mix"
+#: Windows of ``calib:mix`` when no token count is given (the calibration default, 128 x 512).
+MIX_DEFAULT_WINDOWS = 128
+
+
+def mix_windows(tokenizer, length: int = 512, bos: Literal["none", "prepend"] = "none",
+                max_tokens: int | None = None) -> TokenWindows:
+    """``calib:mix``: an equal share of windows from each calibration split of
+    :data:`compactor.data.domains.MIX` (the first domains take one more when the count does
+    not divide), interleaved round-robin so that any first ``n`` windows stay balanced."""
+    from compactor.data.domains import MIX
+
+    n = MIX_DEFAULT_WINDOWS if max_tokens is None else max(1, max_tokens // length)
+    shares = [n // len(MIX) + (1 if i < n % len(MIX) else 0) for i in range(len(MIX))]
+    parts, provs = [], {}
+    for domain, k in zip(MIX, shares):
+        if k == 0:
+            continue
+        w = windows_for(tokenizer, f"{domain}:calib", length, bos=bos, max_tokens=k * length)
+        if len(w) < k:
+            raise CompactorError(f"{MIX_SPEC}: domain {domain} yields {len(w)} windows of {length} "
+                                 f"tokens, fewer than the {k} its share needs")
+        parts.append(w)
+        provs[domain] = {**w.provenance, "windows": len(w)}
+    order = [(d, i) for i in range(max(len(p) for p in parts)) for d in range(len(parts)) if i < len(parts[d])]
+    ids = torch.stack([parts[d].input_ids[i] for d, i in order])
+    mask = torch.stack([parts[d].score_mask[i] for d, i in order])
+    prov = {"source": "mix", "spec": MIX_SPEC, "domains": provs, "order": "round-robin by domain",
+            "window": length, "stride": length, "bos": bos, "n_windows": len(order),
+            "tokenizer": type(tokenizer).__name__}
+    out = TokenWindows(ids, mask, prov)
+    out.provenance["tokens_scored"] = out.n_scored
+    return out
+
+
+def split_specs(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    """An evaluation data spec as a list of specs: a list, a comma-separated string, or
+    ``domains`` (every domain of :data:`compactor.data.domains.EVAL_DOMAINS`)."""
+    from compactor.data.domains import EVAL_DOMAINS
+
+    items = list(spec) if isinstance(spec, (list, tuple)) else [s.strip() for s in str(spec).split(",")]
+    out: list[str] = []
+    for s in items:
+        out.extend(EVAL_DOMAINS if s == "domains" else [s])
+    if not out or any(not s for s in out):
+        raise CompactorError(f"evaluation data {spec!r} names an empty spec")
+    return out
+
+
+def domain_windows(tokenizer, spec, length: int = 512, stride: int | None = None,
+                   bos: Literal["none", "prepend"] = "none",
+                   max_tokens: int | None = None) -> dict[str, TokenWindows]:
+    """Windows for each evaluation spec (see :func:`split_specs`), by spec; ``max_tokens``
+    applies to each domain."""
+    return {s: windows_for(tokenizer, s, length, stride, bos, max_tokens) for s in split_specs(spec)}

@@ -45,6 +45,10 @@ class EvalResult:
     kld_p99: float | None = None
     top1: float | None = None
     windows: dict = field(default_factory=dict)
+    #: per evaluation domain (spec -> ppl, tokens, and against a reference ref_ppl,
+    #: kld_mean, kld_p99, top1); with more than one domain the headline metrics above are
+    #: their mean (:func:`mean_over_domains`)
+    domains: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -67,9 +71,25 @@ def as_backend(obj, name: str | None = None, n_ctx: int = 1024) -> Backend:
     )
 
 
+def mean_over_domains(per_domain: dict[str, dict]) -> dict:
+    """The headline of a multi-domain evaluation: every domain weighs the same, whatever its
+    token count. PPL is the geometric mean (the exp of the mean NLL per domain); KLD mean,
+    KLD p99 and top-1 are arithmetic means of the domains' values; tokens are summed."""
+    import math
+
+    vals = list(per_domain.values())
+    out = {"ppl": math.exp(sum(math.log(v["ppl"]) for v in vals) / len(vals)),
+           "tokens": sum(v["tokens"] for v in vals)}
+    if all("kld_mean" in v for v in vals):
+        out["ref_ppl"] = math.exp(sum(math.log(v["ref_ppl"]) for v in vals) / len(vals))
+        for k in ("kld_mean", "kld_p99", "top1"):
+            out[k] = sum(v[k] for v in vals) / len(vals)
+    return out
+
+
 def evaluate(
     model,
-    windows: TokenWindows,
+    windows: TokenWindows | dict[str, TokenWindows],
     reference=None,
     speed: bool = True,
     name: str | None = None,
@@ -78,9 +98,14 @@ def evaluate(
     """Score ``model`` on ``windows``; compare with ``reference`` when given.
 
     ``model`` / ``reference``: transformers model, :class:`LoadedModel`, ``.gguf`` path or a
-    backend. Peak RSS is the process's peak during this call (the reference included).
+    backend. ``windows``: one set of windows, or several by domain (``{spec: windows}``):
+    each domain is scored on its own (``EvalResult.domains``) and the headline is their
+    mean. Peak RSS is the process's peak during this call (the reference included).
     """
-    n_ctx = max(1024, windows.length + 160)
+    by_domain = windows if isinstance(windows, dict) else {"": windows}
+    if not by_domain:
+        raise CompactorError("no evaluation windows given")
+    n_ctx = max(1024, max(w.length for w in by_domain.values()) + 160)
     cand = as_backend(model, name, n_ctx)
     ref = as_backend(reference, None, n_ctx) if reference is not None else None
     if ref is not None and ref.vocab_size != cand.vocab_size:
@@ -88,23 +113,29 @@ def evaluate(
             f"vocabulary mismatch: {cand.name} has {cand.vocab_size} tokens, reference "
             f"{ref.name} has {ref.vocab_size}; KL divergence needs the same tokenizer"
         )
-    if int(windows.input_ids.max()) >= cand.vocab_size:
-        raise CompactorError(
-            f"token id {int(windows.input_ids.max())} is outside {cand.name}'s vocabulary of "
-            f"{cand.vocab_size}: the windows were made with another tokenizer"
-        )
+    for spec, win in by_domain.items():
+        if int(win.input_ids.max()) >= cand.vocab_size:
+            raise CompactorError(
+                f"token id {int(win.input_ids.max())} of {spec or 'the windows'} is outside "
+                f"{cand.name}'s vocabulary of {cand.vocab_size}: the windows were made with "
+                "another tokenizer"
+            )
     reset_peak_rss()
-    stats = StreamingStats()
+    per_domain: dict[str, dict] = {}
     t0 = time.perf_counter()
-    for i in tqdm(range(len(windows)), desc=f"eval {cand.name}", disable=not progress,
-                  unit="win", leave=False):
-        ids, mask = windows.input_ids[i], windows.score_mask[i]
-        # Row t of the logits predicts token t+1: align logits[:-1] with ids[1:].
-        logits = cand.window_logits(ids)[:-1]
-        ref_logits = ref.window_logits(ids)[:-1] if ref is not None else None
-        stats.update(logits, ids[1:], mask[1:], ref_logits)
+    for spec, win in by_domain.items():
+        stats = StreamingStats()
+        for i in tqdm(range(len(win)), desc=f"eval {cand.name} {spec}".rstrip(),
+                      disable=not progress, unit="win", leave=False):
+            ids, mask = win.input_ids[i], win.score_mask[i]
+            # Row t of the logits predicts token t+1: align logits[:-1] with ids[1:].
+            logits = cand.window_logits(ids)[:-1]
+            ref_logits = ref.window_logits(ids)[:-1] if ref is not None else None
+            stats.update(logits, ids[1:], mask[1:], ref_logits)
+        per_domain[spec] = stats.summary()
     eval_seconds = time.perf_counter() - t0
-    summary = stats.summary()
+    summary = per_domain[""] if "" in per_domain else mean_over_domains(per_domain)
+    n_tokens = sum(w.input_ids.numel() for w in by_domain.values())
     speeds = cand.speed() if speed else {}
     return EvalResult(
         name=name or cand.name,
@@ -116,7 +147,7 @@ def evaluate(
         bpw=cand.size_bytes * 8 / cand.params,
         load_seconds=cand.load_seconds,
         eval_seconds=eval_seconds,
-        eval_tok_s=windows.input_ids.numel() / eval_seconds,
+        eval_tok_s=n_tokens / eval_seconds,
         peak_rss_bytes=peak_rss_bytes(),
         prefill_tok_s=speeds.get("prefill_tok_s"),
         decode_tok_s=speeds.get("decode_tok_s"),
@@ -125,5 +156,7 @@ def evaluate(
         kld_mean=summary.get("kld_mean"),
         kld_p99=summary.get("kld_p99"),
         top1=summary.get("top1"),
-        windows=windows.provenance,
+        windows=(by_domain[""].provenance if "" in by_domain
+                 else {spec: w.provenance for spec, w in by_domain.items()}),
+        domains={} if "" in by_domain else per_domain,
     )

@@ -23,16 +23,40 @@ _COLUMNS = (
 )
 
 
-def table(results: Iterable[EvalResult], markdown: bool = True) -> str:
-    """A Markdown table (also readable on a terminal) of the main metrics."""
-    rows = [[fmt(r) for _, fmt in _COLUMNS] for r in results]
-    heads = [h for h, _ in _COLUMNS]
+def _render(heads: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h)
               for i, h in enumerate(heads)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
     out = [line(heads), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     out += [line(r) for r in rows]
     return "\n".join(out)
+
+
+def table(results: Iterable[EvalResult], markdown: bool = True) -> str:
+    """A Markdown table (also readable on a terminal) of the main metrics; with several
+    evaluation domains the metrics are their mean, and :func:`domain_table` follows."""
+    results = list(results)
+    rows = [[fmt(r) for _, fmt in _COLUMNS] for r in results]
+    out = _render([h for h, _ in _COLUMNS], rows)
+    if any(r.domains for r in results):
+        out += "\n\nper domain (the table above shows their mean):\n\n" + domain_table(results)
+    return out
+
+
+def domain_table(results: Iterable[EvalResult]) -> str:
+    """PPL and KLD mean per evaluation domain, one row per result."""
+    results = [r for r in results if r.domains]
+    specs = list(dict.fromkeys(s for r in results for s in r.domains))
+    heads = ["model"] + [f"{s} {m}" for s in specs for m in ("PPL", "KLD")]
+    rows = []
+    for r in results:
+        cells = [r.name]
+        for s in specs:
+            d = r.domains.get(s, {})
+            cells += ["" if "ppl" not in d else f"{d['ppl']:.3f}",
+                      "" if d.get("kld_mean") is None else f"{d['kld_mean']:.5f}"]
+        rows.append(cells)
+    return _render(heads, rows)
 
 
 def to_json(results: Iterable[EvalResult]) -> str:

@@ -92,10 +92,22 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, *, overwrite: b
             "or quantize without the activations step to export the weights")
     prov = {**source_provenance(loaded), **(provenance or {})}
     if fmt == "gguf":
-        return _export_gguf(loaded, out, verify, windows, prov, progress, **options)
-    if fmt == "compressed-tensors":
-        return _export_ct(loaded, out, verify, windows, prov, overwrite, **options)
-    return _export_onnx(loaded, out, verify, windows, prov, overwrite, **options)
+        res = _export_gguf(loaded, out, verify, windows, prov, progress, **options)
+    elif fmt == "compressed-tensors":
+        res = _export_ct(loaded, out, verify, windows, prov, overwrite, **options)
+    else:
+        res = _export_onnx(loaded, out, verify, windows, prov, overwrite, **options)
+    return _with_bits_per_weight(res, loaded.model)
+
+
+def _with_bits_per_weight(res: ExportResult, model) -> ExportResult:
+    """Every format's summary states its size in bits per weight: file bytes · 8 over the
+    model's parameter count (tied weights once)."""
+    s = res.summary
+    if "bpw" not in s and s.get("size_bytes"):
+        params = s.get("params") or sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+        s.update(params=params, bpw=round(s["size_bytes"] * 8 / params, 4))
+    return res
 
 
 def _export_ct(loaded, out, verify, windows, prov, overwrite) -> ExportResult:

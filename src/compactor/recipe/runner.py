@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compactor.data.windows import TokenWindows, windows_for
+from compactor.data.windows import TokenWindows, domain_windows, windows_for
 from compactor.evaluate.harness import EvalResult, evaluate
 from compactor.io import atomic_dir
 from compactor.models.load import LoadedModel, load_model
@@ -36,7 +36,7 @@ class RunContext:
     modified: bool = False  # has any step changed the model yet?
     _reference: LoadedModel | None = None
     _reference_backend: Any = None
-    _eval_windows: TokenWindows | None = None
+    _eval_windows: TokenWindows | dict[str, TokenWindows] | None = None
     _calib_windows: TokenWindows | None = None
     log: list[dict] = field(default_factory=list)
     reports: list[dict] = field(default_factory=list)
@@ -70,11 +70,14 @@ class RunContext:
                                                     half=True)
         return self._reference_backend
 
-    def eval_windows(self) -> TokenWindows:
+    def eval_windows(self) -> TokenWindows | dict[str, TokenWindows]:
+        """The evaluation windows: one set, or several by domain spec."""
         if self._eval_windows is None:
             e = self.recipe.eval
-            self._eval_windows = windows_for(self.loaded.tokenizer, e.data, e.window, e.stride,
-                                             e.bos, e.tokens)
+            by_domain = domain_windows(self.loaded.tokenizer, e.data, e.window, e.stride,
+                                       e.bos, e.tokens)
+            self._eval_windows = (next(iter(by_domain.values())) if len(by_domain) == 1
+                                  else by_domain)
         return self._eval_windows
 
     def calib_windows(self) -> TokenWindows:
@@ -165,8 +168,10 @@ def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
     prov = {
         "model_source": ctx.recipe.model,
         "model_gguf": str(ctx.loaded.gguf) if ctx.loaded.gguf else None,
-        "eval_data": ctx._eval_windows.provenance if ctx._eval_windows else None,
+        "eval_data": _provenance(ctx._eval_windows),
         "calibration_data": ctx._calib_windows.provenance if ctx._calib_windows else None,
+        "calibration_domains": (calibration_domains(ctx._calib_windows.provenance)
+                                if ctx._calib_windows else None),
         "steps": ctx.log,
         "reports": ctx.reports,
         "environment": _environment(),
@@ -175,6 +180,24 @@ def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
     }
     (tmp / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
 
+
+
+def _provenance(windows) -> dict | None:
+    if windows is None:
+        return None
+    if isinstance(windows, dict):
+        return {spec: w.provenance for spec, w in windows.items()}
+    return windows.provenance
+
+
+def calibration_domains(prov: dict) -> list[str]:
+    """Which domains a calibration set covered: the mix's domains, a domain split's
+    domain, ``prose`` for the Austen novels, or ``user text``."""
+    if prov.get("source") == "mix":
+        return list(prov["domains"])
+    if prov.get("source") == "austen":
+        return ["prose"]
+    return [prov["domain"]] if "domain" in prov else ["user text"]
 
 
 def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
@@ -197,7 +220,9 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
                              skip=lambda name: name not in chosen, progress=progress)
         ctx.reports.append({"step": type(cfg).name, "modules": len(rep.modules),
                             "seconds": round(rep.seconds, 1), "peak_rss_bytes": rep.peak_rss_bytes,
-                            "calibration_tokens": rep.tokens, "notes": _count(rep.notes),
+                            "calibration_tokens": rep.tokens,
+                            "calibration_domains": calibration_domains(ctx.calib_windows().provenance),
+                            "notes": _count(rep.notes),
                             **({"pairs": rep.pairs} if rep.pairs else {}),
                             **_sparsity(model, rep.modules, cfg)})
     else:

@@ -25,11 +25,16 @@ from compactor.errors import ConfigError
 
 @dataclass(frozen=True)
 class EvalSettings(StepConfig):
-    """How the runner evaluates after each stage (and the default for ``evaluate`` steps)."""
+    """How the runner evaluates after each stage (and the default for ``evaluate`` steps).
+
+    ``data``: one spec, a list, or a comma-separated string; ``domains`` stands for every
+    evaluation domain (Austen prose, Python code, technical prose, C headers; see
+    :mod:`compactor.data.domains`). With several, each is scored and the headline is their
+    mean. ``tokens``: per domain."""
 
     name = "eval"
-    data: str = "austen:eval"
-    tokens: int = 32768
+    data: str | tuple[str, ...] = "domains"
+    tokens: int = 8192
     window: int = 512
     stride: int | None = None
     bos: Literal["none", "prepend"] = "none"
@@ -37,16 +42,25 @@ class EvalSettings(StepConfig):
     after_each_stage: bool = True
 
     def validate(self) -> None:
+        from compactor.data.windows import split_specs
+        from compactor.errors import CompactorError
+
+        try:
+            split_specs(self.data)
+        except CompactorError as exc:
+            check(False, f"eval.data: {exc}")
         check(self.tokens >= self.window, f"eval.tokens ({self.tokens}) must be >= eval.window ({self.window})")
         check(self.window >= 2, f"eval.window must be >= 2, got {self.window}")
 
 
 @dataclass(frozen=True)
 class CalibrationSettings(StepConfig):
-    """Calibration data for calibrated steps: ``samples`` windows of ``window`` tokens."""
+    """Calibration data for calibrated steps: ``samples`` windows of ``window`` tokens.
+
+    The default ``calib:mix`` balances prose, chat, code and technical text by tokens."""
 
     name = "calibration"
-    data: str = "austen:calib"
+    data: str = "calib:mix"
     samples: int = 128
     window: int = 512
 
