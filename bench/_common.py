@@ -41,3 +41,38 @@ def write_result(name: str, title: str, body: str) -> Path:
     path = RESULTS / f"{name}.md"
     path.write_text(text)
     return path
+
+
+def provenance() -> dict:
+    """Where a result row comes from: commit (with a dirty marker), command, date, machine."""
+    root = Path(__file__).parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, cwd=root).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    capture_output=True, text=True, cwd=root).stdout.strip())
+    except OSError:
+        rev, dirty = "?", True
+    return {"commit": rev + ("-dirty" if dirty else ""),
+            "command": "python " + " ".join([str(Path(sys.argv[0]).as_posix())] + sys.argv[1:]),
+            "date": time.strftime("%Y-%m-%d %H:%M"), "machine": machine()}
+
+
+def provenance_lines(records: list[dict]) -> str:
+    """One line per distinct provenance among ``records`` (rows carry ``prov``), numbered so
+    that table rows can point at theirs."""
+    seen: list[dict] = []
+    for r in records:
+        if r.get("prov") and r["prov"] not in seen:
+            seen.append(r["prov"])
+    return "\n".join(f"- [{i + 1}] commit {p['commit']}, {p['date']}, `{p['command']}`; {p['machine']}"
+                     for i, p in enumerate(seen))
+
+
+def prov_ref(records: list[dict], rec: dict) -> str:
+    """The number :func:`provenance_lines` gives ``rec``'s provenance."""
+    seen: list[dict] = []
+    for r in records:
+        if r.get("prov") and r["prov"] not in seen:
+            seen.append(r["prov"])
+    return f"[{seen.index(rec['prov']) + 1}]" if rec.get("prov") in seen else ""

@@ -24,7 +24,7 @@ def test_run_writes_self_describing_output(tmp_path, tiny_dir, text_file):
     out = tmp_path / "out"
     ctx = run_recipe(rec, out=out, progress=False)
     assert ctx.results[0].name == "tiny" and ctx.results[0].tokens == 2 * 63
-    for f in ("config.json", "model.safetensors", "recipe.yaml", "metrics.json", "provenance.json"):
+    for f in ("config.json", "model.safetensors.index.json", "recipe.yaml", "metrics.json", "provenance.json"):
         assert (out / f).exists(), f
     assert json.loads((out / "metrics.json").read_text())[0]["ppl"] == pytest.approx(ctx.results[0].ppl)
     prov = json.loads((out / "provenance.json").read_text())

@@ -21,7 +21,6 @@ accumulated in float32 and the methods always quantize the float32 weights.
 from __future__ import annotations
 
 import copy
-import ctypes
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -36,6 +35,7 @@ from compactor.data.windows import TokenWindows
 from compactor.errors import CompactorError
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
 from compactor.models.adapters import Adapter, adapter_for, decoder_layers
+from compactor.models.stream import ResidentWeights, release_freed_memory
 from compactor.primitives.hessian import HessianAccumulator
 from compactor.primitives.stats import InputSample
 
@@ -55,7 +55,8 @@ class CalibrationReport:
 
 
 def _capture_layer0(model, layers, windows: TokenWindows, batch: int):
-    """Inputs (hidden states) and keyword arguments of decoder layer 0, per batch."""
+    """Inputs (hidden states) and keyword arguments of decoder layer 0, per batch (the
+    embedding must be materialized; no decoder layer runs)."""
     captured = []
 
     def grab(_m, args, kwargs):
@@ -103,20 +104,28 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                    skip: Callable[[str], bool] = lambda name: False,
                    batch: int = 8, dtype: torch.dtype = torch.float32,
                    progress: bool = True, on_layer: Callable | None = None,
-                   replay: bool = True) -> CalibrationReport:
+                   replay: bool = True, store=None,
+                   sink: Callable[[int, torch.nn.Module], None] | None = None) -> CalibrationReport:
     """Calibrate and apply ``handler`` to every linear of every decoder layer, in place.
 
     ``on_layer(index, inputs, outputs)``: called after each layer with its input and output
-    hidden states (lists of batches), e.g. to measure how much a layer changes its input."""
+    hidden states (lists of batches), e.g. to measure how much a layer changes its input.
+    ``store``: where the weights live (:mod:`compactor.models.stream`; in memory by
+    default): each layer is taken from it before its work and handed back after, so a
+    streamed model holds one layer at a time. ``sink(index, layer)``: called with each
+    finished layer before it is handed back (a streamed run writes it out there)."""
     if len(windows) == 0:
         raise CompactorError("calibration data is empty: no token windows to observe")
     adapter = adapter or adapter_for(model)
+    store = store or ResidentWeights()
     layers = decoder_layers(model, adapter)
     report = CalibrationReport(layers=len(layers), tokens=int(windows.input_ids.numel()))
     reset_peak_rss()
     t0 = time.perf_counter()
-    inputs = [(_cast(h, dtype), {k: _cast(v, dtype) for k, v in kw.items()})
-              for h, kw in _capture_layer0(model, layers, windows, batch)]
+    with store.parts(model, [adapter.embed], adapter):
+        captured = _capture_layer0(model, layers, windows, batch)
+    inputs = [(_cast(h, dtype), {k: _cast(v, dtype) for k, v in kw.items()}) for h, kw in captured]
+    del captured
     smoothing = getattr(cfg, "smoothing", False)
     # Smoothing methods (AWQ, SmoothQuant) visit producer -> consumers pairs; the others
     # visit groups of linears that share an input.
@@ -126,7 +135,7 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     # Consumers whose block can be replayed: attention's o_proj and the MLP's down_proj.
     replayable = {adapter.attn[3]: True, adapter.mlp[2]: False}  # name -> block returns a tuple
     for li in tqdm(range(len(layers)), desc=f"calibrate {type(cfg).name}", disable=not progress, unit="layer"):
-        layer = layers[li]
+        layer = store.layer(model, li, adapter)
         cache: dict[str, list] = {}  # consumer -> its inputs, per batch, once upstream is final
         # The forward passes run on `runner` (a reduced-precision shadow, or the layer itself).
         runner = layer if dtype == torch.float32 else copy.deepcopy(layer).to(dtype)
@@ -211,19 +220,14 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                 on_layer(li, [h for h, _ in inputs], [h for h, _ in outputs])
                 inputs = outputs
         del runner, cache
-        _release_freed_memory()
+        if sink is not None:
+            sink(li, layer)
+        del layer
+        store.done(model, li, adapter, changed=True)
+        release_freed_memory()
     report.seconds = time.perf_counter() - t0
     report.peak_rss_bytes = peak_rss_bytes()
     return report
-
-
-def _release_freed_memory() -> None:
-    """Hand memory freed by the layer just done back to the OS (glibc keeps freed chunks of
-    replaced weights and activations in its heap otherwise, and peak RSS creeps up)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc
-        pass
 
 
 def _replayed(layer, cache: dict[str, list], replayable: dict[str, bool]) -> contextlib.ExitStack:

@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 
 from compactor.data.windows import TokenWindows
 from compactor.errors import CompactorError
-from compactor.evaluate.backends import Backend, LlamaCppBackend, TorchBackend
+from compactor.evaluate.backends import (Backend, CachedBackend, LlamaCppBackend, TorchBackend,
+                                         iter_logits)
+from compactor.evaluate.streamed import StreamedBackend
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
 from compactor.evaluate.metrics import StreamingStats
 
@@ -61,6 +63,8 @@ def as_backend(obj, name: str | None = None, n_ctx: int = 1024) -> Backend:
     if hasattr(obj, "window_logits"):
         return obj
     if isinstance(obj, LoadedModel):
+        if obj.streamed:
+            return StreamedBackend(obj, name)
         return TorchBackend(obj.model, name or obj.source, obj.load_seconds)
     if isinstance(obj, (str, Path)) and str(obj).endswith(".gguf"):
         return LlamaCppBackend(obj, n_ctx=n_ctx, name=name)
@@ -69,6 +73,13 @@ def as_backend(obj, name: str | None = None, n_ctx: int = 1024) -> Backend:
     raise CompactorError(
         f"cannot evaluate {obj!r}: give a transformers model, a LoadedModel or a .gguf path"
     )
+
+
+def _drain(ref, win: TokenWindows):
+    """Fill a disk-cached reference for ``win`` now, then read it back window by window."""
+    for _ in ref.iter_logits(win.input_ids):
+        pass
+    return ref.iter_logits(win.input_ids)
 
 
 def mean_over_domains(per_domain: dict[str, dict]) -> dict:
@@ -125,18 +136,23 @@ def evaluate(
     t0 = time.perf_counter()
     for spec, win in by_domain.items():
         stats = StreamingStats()
+        # A cached reference is filled first (one pass, layer by layer if streamed), so a
+        # streamed reference and candidate never run at the same time.
+        ref_iter = (None if ref is None else _drain(ref, win) if isinstance(ref, CachedBackend)
+                    else iter_logits(ref, win.input_ids))
+        cand_iter = iter_logits(cand, win.input_ids)
         for i in tqdm(range(len(win)), desc=f"eval {cand.name} {spec}".rstrip(),
                       disable=not progress, unit="win", leave=False):
             ids, mask = win.input_ids[i], win.score_mask[i]
             # Row t of the logits predicts token t+1: align logits[:-1] with ids[1:].
-            logits = cand.window_logits(ids)[:-1]
-            ref_logits = ref.window_logits(ids)[:-1] if ref is not None else None
+            logits = next(cand_iter)[:-1]
+            ref_logits = next(ref_iter)[:-1] if ref_iter is not None else None
             stats.update(logits, ids[1:], mask[1:], ref_logits)
         per_domain[spec] = stats.summary()
     eval_seconds = time.perf_counter() - t0
     summary = per_domain[""] if "" in per_domain else mean_over_domains(per_domain)
     n_tokens = sum(w.input_ids.numel() for w in by_domain.values())
-    speeds = cand.speed() if speed else {}
+    speeds = cand.speed() if speed else {}  # empty for a streamed model
     return EvalResult(
         name=name or cand.name,
         runtime=cand.kind,

@@ -143,7 +143,7 @@ def verify_compressed(model, out: Path, windows, max_kld: float = 1e-4, min_top1
 
     from compactor.evaluate.harness import evaluate
 
-    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).eval()
+    loaded = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, local_files_only=True).eval()
     res = evaluate(loaded, windows, reference=model, speed=False, progress=False, name=Path(out).name)
     passed = res.kld_mean <= max_kld and res.top1 >= min_top1
     return {"runtime": "transformers", "kld_mean": res.kld_mean, "kld_p99": res.kld_p99,

@@ -20,7 +20,9 @@ from compactor.io import atomic_dir, home, sha256_file
 from compactor.models.adapters import Adapter, adapter_for_gguf_arch, adapter_for_model_type
 from compactor.models.bundled import BUNDLED, bundled_gguf
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is ever fetched from a hub
+#: Every transformers load reads local files only: nothing is ever fetched from a hub (and
+#: importing compactor sets no environment variable to get there).
+LOCAL = {"local_files_only": True}
 
 
 @dataclass
@@ -35,6 +37,18 @@ class LoadedModel:
     gguf: Path | None = None  # the GGUF file it came from, if any
     load_seconds: float = 0.0
     info: dict = field(default_factory=dict)
+    #: where the weights live: in memory (ResidentWeights) or streamed from ``path``
+    store: Any = None
+
+    def __post_init__(self) -> None:
+        if self.store is None:
+            from compactor.models.stream import ResidentWeights
+
+            self.store = ResidentWeights()
+
+    @property
+    def streamed(self) -> bool:
+        return bool(self.store.streamed)
 
 
 def read_gguf_header(path: Path) -> dict[str, Any]:
@@ -76,9 +90,9 @@ def _gguf_to_checkpoint(path: Path, digest: str | None = None) -> Path:
     logging.getLogger(__name__).info("converting %s to a float checkpoint (once)", path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, **LOCAL
         )
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **LOCAL)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CompactorError(f"transformers could not load GGUF {path}: {exc}") from None
     # transformers refuses save_pretrained on a GGUF-loaded model while its quantizer marker
@@ -117,23 +131,28 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, Path | None, Adapte
     return _gguf_to_checkpoint(path), path, adapter
 
 
-def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) -> LoadedModel:
+def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32,
+               stream: bool = False) -> LoadedModel:
     """Load ``source`` (alias, transformers directory or GGUF file) as (model, tokenizer).
 
-    The model is in eval mode. Its family must be in the adapter table.
+    The model is in eval mode. Its family must be in the adapter table. ``stream=True``
+    builds the model on the meta device and reads each layer from the safetensors shards
+    when a walker asks for it (:class:`compactor.models.stream.StreamedWeights`).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     directory, gguf_path, adapter = resolve_source(source)
     t0 = time.perf_counter()
     try:
-        config = AutoConfig.from_pretrained(str(directory))
+        config = AutoConfig.from_pretrained(str(directory), **LOCAL)
     except (ValueError, OSError) as exc:
         raise CompactorError(f"{directory}/config.json is not a usable model config: {exc}") from None
     adapter = adapter or adapter_for_model_type(config.model_type, str(directory))
+    if stream:
+        return _load_streamed(source, directory, gguf_path, adapter, t0)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **LOCAL)
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **LOCAL)
     except OSError as exc:
         raise CompactorError(f"could not load the model in {directory}: {exc}") from None
     # transformers maps the safetensors file into memory and the parameters point into the
@@ -157,3 +176,19 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32) ->
         load_seconds=time.perf_counter() - t0,
         info={"quantized_modules": restored},
     )
+
+
+def _load_streamed(source, directory: Path, gguf_path, adapter: Adapter, t0: float) -> LoadedModel:
+    from transformers import AutoTokenizer
+
+    from compactor.models.stream import StreamedWeights, load_skeleton
+
+    model = load_skeleton(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory), **LOCAL)
+    except OSError as exc:
+        raise CompactorError(f"could not load the tokenizer in {directory}: {exc}") from None
+    store = StreamedWeights(model, adapter, directory)
+    return LoadedModel(model=model, tokenizer=tokenizer, adapter=adapter, source=str(source),
+                       path=directory, gguf=gguf_path, load_seconds=time.perf_counter() - t0,
+                       info={"streamed": True}, store=store)

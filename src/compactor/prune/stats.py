@@ -59,6 +59,13 @@ def check_pruned(model, names: list[str], cfg) -> dict:
                 raise CompactorError(f"{r.name}: {int((per_group < n).sum())} groups of {m} have fewer than {n} zeros")
         elif getattr(cfg, "scope", "layer") != "global" and r.zeros < n_pruned(r.numel, cfg.sparsity):
             raise CompactorError(f"{r.name}: sparsity {r.sparsity:.4f} is below the target {cfg.sparsity}")
+    return summarize_pruned(rows, cfg)
+
+
+def summarize_pruned(rows: list[LayerSparsity], cfg) -> dict:
+    """Overall and per-matrix range of the sparsity rows of a pruning step (checked rows,
+    possibly gathered layer by layer)."""
+    nm = parse_pattern(cfg.pattern)
     got = overall(rows)
     if nm is None and getattr(cfg, "scope", "layer") == "global" and got + 1e-6 < cfg.sparsity:
         raise CompactorError(f"global sparsity {got:.4f} is below the target {cfg.sparsity}")

@@ -30,12 +30,16 @@ from compactor.registry import register
 
 @dataclass(frozen=True)
 class GPTQConfig(WeightQuantConfig):
-    """GPTQ settings. ``dampening``: fraction of mean(diag H) added to the diagonal."""
+    """GPTQ settings. ``dampening``: fraction of mean(diag H) added to the diagonal.
+    ``diag_mix`` (λ): solve with ``(1 - λ) H + λ diag(H)``, shrinking the input correlations
+    toward the importance matrix (diagonal only), which transfers better to text unlike the
+    calibration set; see ``bench/results/gptq_domains.md``."""
 
     name = "gptq"
     needs_calibration = True
     block_size: int = 128
     dampening: float = 0.01
+    diag_mix: float = 0.0
     act_order: bool = True
     static_groups: bool | None = None  # None: static with act_order, lazy (refit per group) otherwise
     true_sequential: bool = True
@@ -44,6 +48,7 @@ class GPTQConfig(WeightQuantConfig):
     def validate(self) -> None:
         super().validate()
         check(0 <= self.dampening < 1, f"gptq.dampening must be in [0, 1), got {self.dampening}")
+        check(0 <= self.diag_mix <= 1, f"gptq.diag_mix must be in [0, 1], got {self.diag_mix}")
         check(self.block_size >= 1, f"gptq.block_size must be >= 1, got {self.block_size}")
         check(self.static_groups is not False or not self.act_order,
               "gptq.act_order needs static_groups: true (groups must stay contiguous)")
@@ -51,14 +56,18 @@ class GPTQConfig(WeightQuantConfig):
 
 def gptq(W: torch.Tensor, H: torch.Tensor, fit, unit: int, block_size: int = 128,
          percdamp: float = 0.01, act_order: bool = False, static_groups: bool = True,
-         importance: torch.Tensor | None = None) -> tuple[torch.Tensor, QParams]:
+         importance: torch.Tensor | None = None, diag_mix: float = 0.0) -> tuple[torch.Tensor, QParams]:
     """Quantize ``W [out, in]`` given the input Hessian ``H [in, in]``.
 
     ``fit(w [out, k], importance) -> QParams`` fits a grid on ``k`` columns (a multiple of
-    ``unit``). Returns (codes [out, in] int32, QParams of the whole weight).
+    ``unit``). ``diag_mix`` λ: use ``(1 - λ) H + λ diag(H)`` (λ = 1: no error propagation
+    between columns beyond the diagonal, i.e. importance-weighted rounding).
+    Returns (codes [out, in] int32, QParams of the whole weight).
     """
     W = W.detach().clone().float()
     out, n = W.shape
+    if diag_mix:
+        H = (1.0 - diag_mix) * H + diag_mix * torch.diag(torch.diagonal(H))
     H, dead = prepare_hessian(H, percdamp)
     W[:, dead] = 0  # inputs that are always zero: their weights never matter
     if static_groups:
@@ -106,7 +115,8 @@ def apply_gptq(module: torch.nn.Linear, cfg: GPTQConfig, name: str = "", stats=N
     grid = resolve_grid(replace(cfg, search=True) if cfg.search is None else cfg, module.in_features, name)
     static = cfg.act_order if cfg.static_groups is None else cfg.static_groups
     codes, qp = gptq(module.weight.detach(), stats.hessian(), grid.fit, grid.unit, cfg.block_size,
-                     cfg.dampening, cfg.act_order, static, importance=stats.mean_sq())
+                     cfg.dampening, cfg.act_order, static, importance=stats.mean_sq(),
+                     diag_mix=cfg.diag_mix)
     q = QuantizedLinear(codes, qp, grid.label, grid.bits_per_weight, module.bias, module.weight.dtype)
     q.note = grid.note
     return q

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from compactor.errors import CompactorError
 from compactor.primitives.qparams import QParams
@@ -57,57 +56,143 @@ def dequantized_view(model) -> Iterator[None]:
             model.set_submodule(n, m)
 
 
-def save_quantization(model, directory: Path) -> dict:
-    """Write codes + parameters of every QuantizedLinear; returns the manifest."""
-    tensors, manifest = {}, {}
-    for n, m in quantized_modules(model).items():
-        qp = m.qparams
-        tensors[f"{n}.codes"] = m.codes.contiguous()
-        tensors[f"{n}.scale"] = qp.scale.contiguous()
-        if qp.offset is not None:
-            tensors[f"{n}.offset"] = qp.offset.contiguous()
-        if qp.codebook is not None:
-            tensors[f"{n}.codebook"] = qp.codebook.contiguous()
-        extra = [k for k, v in qp.extra.items() if isinstance(v, torch.Tensor)]
-        for k in extra:
-            tensors[f"{n}.extra.{k}"] = qp.extra[k].contiguous()
-        manifest[n] = {"kind": "embedding" if isinstance(m, QuantizedEmbedding) else "linear",
-                       "grid": m.label, "bits_per_weight": m.bits_per_weight, "block": qp.block,
-                       "qmin": qp.qmin, "qmax": qp.qmax, "extra": extra,
-                       "shape": [m.out_features, m.in_features]}
-    if manifest:
-        save_file(tensors, str(directory / TENSORS))
-        (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    acts = {n: {"mode": m.mode, "bits": m.bits, "scale": float(m.act_scale)}
-            for n, m in model.named_modules() if isinstance(m, ActQuantLinear)}
-    if acts:
-        (directory / ACTIVATIONS).write_text(json.dumps(acts, indent=1))
-    return manifest
+def _quant_tensors(n: str, m: QuantizedLinear) -> tuple[dict[str, torch.Tensor], dict]:
+    """The stored tensors of one quantized module and its manifest entry."""
+    qp = m.qparams
+    tensors = {f"{n}.codes": m.codes, f"{n}.scale": qp.scale}
+    if qp.offset is not None:
+        tensors[f"{n}.offset"] = qp.offset
+    if qp.codebook is not None:
+        tensors[f"{n}.codebook"] = qp.codebook
+    extra = [k for k, v in qp.extra.items() if isinstance(v, torch.Tensor)]
+    for k in extra:
+        tensors[f"{n}.extra.{k}"] = qp.extra[k]
+    entry = {"kind": "embedding" if isinstance(m, QuantizedEmbedding) else "linear",
+             "grid": m.label, "bits_per_weight": m.bits_per_weight, "block": qp.block,
+             "qmin": qp.qmin, "qmax": qp.qmax, "extra": extra,
+             "shape": [m.out_features, m.in_features]}
+    return tensors, entry
 
 
-def restore_quantization(model, directory: Path, lm_head: str = "lm_head") -> int:
-    """Replace the modules listed in ``quantization.json`` by their quantized forms (a
-    quantized embedding is re-shared with a tied head at ``lm_head``). Returns how many
-    were restored (0 if the directory holds no quantization)."""
+class ModelWriter:
+    """Writes a model part by part (each decoder layer, then the rest) as a transformers
+    checkpoint: dequantized weights in ``model-*.safetensors`` shards (plain transformers
+    loads them) and the codes of every quantized module in ``quantization-*.safetensors``
+    shards described by ``quantization.json``; W8A8 activation settings in
+    ``activations.json``.
+
+    ``weight_dtype(name)``: the dtype a quantized module's dequantized weight is written in
+    (it only serves plain transformers; compactor restores from the codes), e.g. the input
+    checkpoint's bf16. Every other tensor is written as it is in memory."""
+
+    def __init__(self, directory: Path, weight_dtype=None, max_shard_bytes: int | None = None):
+        from compactor.models.checkpoint import SHARD_BYTES, ShardWriter
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        size = max_shard_bytes or SHARD_BYTES
+        self.weights = ShardWriter(self.directory, "model", size)
+        self.codes = ShardWriter(self.directory, "quantization", size)
+        self.manifest: dict[str, dict] = {}
+        self.acts: dict[str, dict] = {}
+        self.weight_dtype = weight_dtype or (lambda name: None)
+        self._seen: set[int] = set()
+
+    def add(self, module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+        """Every tensor of ``module`` (named ``prefix`` + its own names), except names that
+        start with one of ``skip``; a tensor shared with one already written (a tied head)
+        is written once."""
+        qmods = {n: m for n, m in quantized_modules(module).items() if not (prefix + n).startswith(skip)}
+        for n, m in qmods.items():
+            full = prefix + n
+            tensors, entry = _quant_tensors(full, m)
+            for k, t in tensors.items():
+                self.codes.add(k, t)
+            self.manifest[full] = entry
+        for n, m in module.named_modules():
+            if isinstance(m, ActQuantLinear) and not (prefix + n).startswith(skip):
+                self.acts[prefix + n] = {"mode": m.mode, "bits": m.bits, "scale": float(m.act_scale)}
+        with dequantized_view(module):
+            state = module.state_dict(keep_vars=True)
+            for n, t in state.items():
+                full = prefix + n
+                if full.startswith(skip) or t.data_ptr() in self._seen and t.device.type != "meta":
+                    continue
+                owner = n.rsplit(".", 1)[0]
+                if owner in qmods and n.endswith(".weight"):
+                    dt = self.weight_dtype(full)
+                    t = t.to(dt) if dt is not None else t
+                else:
+                    self._seen.add(t.data_ptr())
+                self.weights.add(full, t.detach())
+
+    def close(self, config, tokenizer=None, generation_config=None) -> None:
+        self.weights.close()
+        codes_index = self.codes.close()
+        config.save_pretrained(self.directory)
+        if generation_config is not None:
+            generation_config.save_pretrained(self.directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(self.directory)
+        if self.manifest:
+            for n, entry in self.manifest.items():
+                entry["file"] = self.codes.weight_map[f"{n}.codes"]
+            (self.directory / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
+        else:
+            codes_index.unlink()
+        if self.acts:
+            (self.directory / ACTIVATIONS).write_text(json.dumps(self.acts, indent=1))
+
+
+def _read_module_tensors(directory: Path, entry: dict, n: str, names: list[str]) -> dict:
+    from safetensors import safe_open
+
+    path = Path(directory) / entry.get("file", TENSORS)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            have = set(f.keys())
+            return {k: f.get_tensor(k).clone() for k in names if k in have}
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise CompactorError(f"{path} is unreadable (module {n}): {exc}") from None
+
+
+def read_manifest(directory: Path) -> dict:
+    """``quantization.json`` of ``directory`` ({} when it holds no quantized modules)."""
     path = Path(directory) / MANIFEST
-    manifest = json.loads(path.read_text()) if path.exists() else {}
-    t = {}
-    if manifest:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except json.JSONDecodeError as exc:
+        raise CompactorError(f"{path}: not valid JSON ({exc})") from None
+
+
+def restore_quantization(model, directory: Path, lm_head: str = "lm_head", prefix: str | None = None) -> int:
+    """Replace the modules listed in ``quantization.json`` by their quantized forms (a
+    quantized embedding is re-shared with a tied head at ``lm_head``). With ``prefix``
+    (``"model.layers.3."``), only the modules under it, and ``model`` is the module the
+    prefix names. Returns how many were restored (0 if the directory holds no quantization).
+
+    Tensors are read module by module, so a streamed layer reads only its own codes."""
+    path = Path(directory) / MANIFEST
+    manifest = read_manifest(directory)
+    restored = 0
+    for full, info in manifest.items():
+        if prefix is not None and not full.startswith(prefix):
+            continue
+        n = full[len(prefix):] if prefix else full
         try:
-            t = load_file(str(Path(directory) / TENSORS))
-        except Exception as exc:
-            raise CompactorError(f"{directory}/{TENSORS} is unreadable: {exc}") from None
-    for n, info in manifest.items():
-        try:
+            extra = list(info["extra"])
+            names = [f"{full}.{k}" for k in ("codes", "scale", "offset", "codebook")] + \
+                [f"{full}.extra.{k}" for k in extra]
+            t = _read_module_tensors(directory, info, full, names)
             lin = model.get_submodule(n)
-            qp = QParams(t[f"{n}.scale"], t.get(f"{n}.offset"), info["block"], info["qmin"],
-                         info["qmax"], t.get(f"{n}.codebook"),
-                         {k: t[f"{n}.extra.{k}"] for k in info["extra"]})
-            codes = t[f"{n}.codes"]
-        except (AttributeError, KeyError) as exc:
-            raise CompactorError(f"{directory}/{MANIFEST}: module {n}: missing {exc}") from None
+            qp = QParams(t[f"{full}.scale"], t.get(f"{full}.offset"), info["block"], info["qmin"],
+                         info["qmax"], t.get(f"{full}.codebook"),
+                         {k: t[f"{full}.extra.{k}"] for k in extra})
+            codes = t[f"{full}.codes"]
+        except (AttributeError, KeyError, TypeError) as exc:
+            raise CompactorError(f"{path}: module {full}: missing {exc}") from None
         if list(codes.shape) != info["shape"]:
-            raise CompactorError(f"{directory}: {n}.codes has shape {list(codes.shape)}, "
+            raise CompactorError(f"{directory}: {full}.codes has shape {list(codes.shape)}, "
                                  f"manifest says {info['shape']}")
         if info.get("kind") == "embedding":
             model.set_submodule(n, QuantizedEmbedding(codes, qp, info["grid"], info["bits_per_weight"]))
@@ -115,19 +200,37 @@ def restore_quantization(model, directory: Path, lm_head: str = "lm_head") -> in
         else:
             model.set_submodule(n, QuantizedLinear(codes, qp, info["grid"], info["bits_per_weight"],
                                                    getattr(lin, "bias", None), torch.float32))
+        restored += 1
     acts_path = Path(directory) / ACTIVATIONS
-    for n, a in (json.loads(acts_path.read_text()) if acts_path.exists() else {}).items():
+    for full, a in (json.loads(acts_path.read_text()) if acts_path.exists() else {}).items():
+        if prefix is not None and not full.startswith(prefix):
+            continue
+        n = full[len(prefix):] if prefix else full
         try:
             inner = model.get_submodule(n)
         except AttributeError:
-            raise CompactorError(f"{acts_path}: module {n} is not in the model") from None
+            raise CompactorError(f"{acts_path}: module {full} is not in the model") from None
         model.set_submodule(n, ActQuantLinear(inner, a["mode"], a["bits"], torch.tensor(a["scale"])))
-    return len(manifest)
+    return restored
 
 
-def save_model(model, tokenizer, directory: Path) -> None:
-    """save_pretrained (dequantized weights) + tokenizer + quantization codes."""
-    with dequantized_view(model):
-        model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    save_quantization(model, directory)
+def save_model(model, tokenizer, directory: Path, store=None, adapter=None,
+               weight_dtype=None) -> None:
+    """Write ``model`` to ``directory`` layer by layer through :class:`ModelWriter`, taking
+    each decoder layer from ``store`` (in memory by default, or streamed from disk), then
+    the embedding, final norm and head; config, generation config and tokenizer beside."""
+    from compactor.models.adapters import adapter_for, decoder_layers
+    from compactor.models.stream import ResidentWeights
+
+    adapter = adapter or adapter_for(model)
+    store = store or ResidentWeights()
+    writer = ModelWriter(directory, weight_dtype)
+    layers = f"{adapter.layers}."
+    for i in range(len(decoder_layers(model, adapter))):
+        writer.add(store.layer(model, i, adapter), prefix=f"{layers}{i}.")
+        store.done(model, i, adapter)
+    outer = [adapter.embed, adapter.final_norm, adapter.lm_head]
+    with store.parts(model, outer, adapter):
+        tied = getattr(model.config, "tie_word_embeddings", False)
+        writer.add(model, skip=(layers,) + ((f"{adapter.lm_head}.",) if tied else ()))
+    writer.close(model.config, tokenizer, getattr(model, "generation_config", None))

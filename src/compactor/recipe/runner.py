@@ -5,6 +5,7 @@ after each stage against the original, and write a self-describing output direct
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -43,6 +44,8 @@ class RunContext:
     work_dir: Path | None = None  # checkpoints of long steps; survives a crash, removed on success
     resume: bool = False  # continue long steps from their checkpoints in work_dir
     layer_origin: list[int] | None = None  # original index of each current layer, after drop_layers
+    streamed_notes: list[str] = field(default_factory=list)  # notes of the layers a streamed step wrote
+    streamed_sparsity: list = field(default_factory=list)  # their sparsity rows, for pruning steps
 
     @property
     def model(self):
@@ -54,20 +57,23 @@ class RunContext:
         if ref is None:
             return None
         if self._reference is None:
-            self._reference = load_model(self.recipe.model if ref == "original" else ref)
+            self._reference = load_model(self.recipe.model if ref == "original" else ref,
+                                         stream=self.loaded.streamed)
         return self._reference
 
     def reference_scorer(self):
         """The reference as an evaluation backend whose window logits are computed once and
-        reused by every later comparison in the run (float16, shift-normalized)."""
-        from compactor.evaluate.backends import CachedBackend, TorchBackend
+        reused by every later comparison in the run (float16, shift-normalized), cached on
+        disk in the work directory, so memory holds one window's logits at a time."""
+        from compactor.evaluate.backends import CachedBackend
+        from compactor.evaluate.harness import as_backend
 
         ref = self.reference()
         if ref is None:
             return None
         if self._reference_backend is None:
-            self._reference_backend = CachedBackend(TorchBackend(ref.model, ref.source, ref.load_seconds),
-                                                    half=True)
+            self._reference_backend = CachedBackend(as_backend(ref), half=True,
+                                                    directory=self.work_dir / "reference-logits")
         return self._reference_backend
 
     def eval_windows(self) -> TokenWindows | dict[str, TokenWindows]:
@@ -111,7 +117,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
 
     Long steps (distillation) checkpoint into ``<out>.work/``, which outlives a crash and is
     removed once the output is in place; ``resume`` continues them from there."""
-    loaded = load_model(recipe.model)
+    loaded = load_model(recipe.model, stream=recipe.stream)
     started = time.time()
     if out is None:
         with tempfile.TemporaryDirectory(prefix="compactor-work-") as work:
@@ -162,7 +168,9 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
 
 
 def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
-    save_model(ctx.loaded.model, ctx.loaded.tokenizer, tmp)
+    lm = ctx.loaded
+    save_model(lm.model, lm.tokenizer, tmp, store=lm.store, adapter=lm.adapter,
+               weight_dtype=lm.store.input_dtype if lm.streamed else None)
     (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
     (tmp / "metrics.json").write_text(json.dumps([r.to_dict() for r in ctx.results], indent=2))
     prov = {
@@ -213,32 +221,78 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
         _apply_planned(ctx, cfg, entry, progress)
     elif getattr(cfg, "needs_calibration", False):
         chosen = set(match_modules(model, cfg.targets, cfg.ignore))
+        sink, commit = streamed_output(ctx, type(cfg).name, cfg)
         rep = run_sequential(model, ctx.calib_windows(), entry.handler, cfg,
                              adapter=ctx.loaded.adapter,
                              true_sequential=getattr(cfg, "true_sequential", True),
                              dtype=calibration_dtype(getattr(cfg, "calibration_dtype", "float32")),
-                             skip=lambda name: name not in chosen, progress=progress)
+                             skip=lambda name: name not in chosen, progress=progress,
+                             store=ctx.loaded.store, sink=sink)
+        commit()
         ctx.reports.append({"step": type(cfg).name, "modules": len(rep.modules),
                             "seconds": round(rep.seconds, 1), "peak_rss_bytes": rep.peak_rss_bytes,
-                            "calibration_tokens": rep.tokens,
+                            "calibration_tokens": rep.tokens, "streamed": ctx.loaded.streamed,
                             "calibration_domains": calibration_domains(ctx.calib_windows().provenance),
                             "notes": _count(rep.notes),
                             **({"pairs": rep.pairs} if rep.pairs else {}),
-                            **_sparsity(model, rep.modules, cfg)})
+                            **_sparsity(ctx, rep.modules, cfg)})
     else:
-        names = quantize_(model, cfg)
-        notes = [m.note for n in names if getattr(m := model.get_submodule(n), "note", None)]
+        sink, commit = streamed_output(ctx, type(cfg).name, cfg)
+        names = quantize_(model, cfg, store=ctx.loaded.store, adapter=ctx.loaded.adapter, sink=sink)
+        commit()
+        notes = (ctx.streamed_notes if ctx.loaded.streamed else
+                 [m.note for n in names if getattr(m := model.get_submodule(n), "note", None)])
         ctx.reports.append({"step": type(cfg).name, "modules": len(names), "notes": _count(notes),
-                            **_sparsity(model, names, cfg)})
+                            **_sparsity(ctx, names, cfg)})
 
 
-def _sparsity(model, names: list[str], cfg) -> dict:
-    """After a pruning step: measured sparsity, checked against the step's target."""
+def streamed_output(ctx: RunContext, step: str, cfg=None):
+    """For a streamed model: ``(sink, commit)`` — the sink writes each layer a step
+    finished into that step's checkpoint under the work directory, and commit points the
+    weight store at it once complete. For an in-memory model: ``(None, no-op)``."""
+    loaded = ctx.loaded
+    if not loaded.streamed:
+        return None, lambda: None
+    from compactor.quant.storage import ModelWriter
+
+    d = ctx.work_dir / f"step{len(ctx.log):02d}-{step}"
+    writer = ModelWriter(d, weight_dtype=loaded.store.input_dtype)
+    done: list[int] = []
+    ctx.streamed_notes, ctx.streamed_sparsity = [], []
+    pruning = cfg is not None and hasattr(cfg, "target_sparsity")
+
+    def sink(i: int, layer) -> None:
+        prefix = f"{loaded.adapter.layers}.{i}."
+        ctx.streamed_notes += [m.note for m in layer.modules() if getattr(m, "note", None)]
+        if pruning:  # checked here, while the layer is in memory
+            from compactor.prune.stats import check_pruned, sparsity_report
+            from compactor.targeting import match_modules
+
+            local = [n for n in match_modules(layer, cfg.targets, cfg.ignore)]
+            check_pruned(layer, local, cfg)
+            ctx.streamed_sparsity += [dataclasses.replace(r, name=prefix + r.name)
+                                      for r in sparsity_report(layer, local)]
+        writer.add(layer, prefix=prefix)
+        done.append(i)
+
+    def commit() -> None:
+        writer.close(loaded.model.config)
+        for i in done:
+            loaded.store.moved(i, d)
+
+    return sink, commit
+
+
+def _sparsity(ctx: RunContext, names: list[str], cfg) -> dict:
+    """After a pruning step: measured sparsity, checked against the step's target (for a
+    streamed model, checked layer by layer as each was written)."""
     if not hasattr(cfg, "target_sparsity"):
         return {}
-    from compactor.prune.stats import check_pruned
+    from compactor.prune.stats import check_pruned, summarize_pruned
 
-    return {"sparsity": check_pruned(model, names, cfg)}
+    if ctx.loaded.streamed:
+        return {"sparsity": summarize_pruned(ctx.streamed_sparsity, cfg)}
+    return {"sparsity": check_pruned(ctx.loaded.model, names, cfg)}
 
 
 def _count(notes: list[str]) -> list[str]:

@@ -93,8 +93,12 @@ class Recipe:
     reference: str | None = "original"
     eval: EvalSettings = field(default_factory=EvalSettings)
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
+    #: stream the weights layer by layer from disk instead of loading the model whole
+    stream: bool = False
+    #: memory cap of the run's plan ("8GB", "512MB"; None: the memory available)
+    max_memory: str | None = None
 
-    _TOP_KEYS = ("model", "reference", "eval", "calibration", "stages")
+    _TOP_KEYS = ("model", "reference", "eval", "calibration", "stream", "max_memory", "stages")
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
@@ -137,12 +141,24 @@ class Recipe:
                 except ConfigError as exc:
                     raise ConfigError(f"{here}.steps[{j}]: {exc}") from None
             stages.append(Stage(str(st.get("name", f"stage{i}")), steps))
+        stream = data.get("stream", False)
+        if not isinstance(stream, bool):
+            raise ConfigError(f"{where}: 'stream' must be true or false, got {stream!r}")
+        max_memory = data.get("max_memory")
+        if max_memory is not None:
+            from compactor.memory import parse_bytes
+
+            try:
+                parse_bytes(max_memory)
+            except ValueError as exc:
+                raise ConfigError(f"{where}: max_memory: {exc}") from None
         try:
             ev = EvalSettings.from_dict(data.get("eval"))
             cal = CalibrationSettings.from_dict(data.get("calibration"))
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
-        return cls(model=data["model"], stages=stages, reference=ref, eval=ev, calibration=cal)
+        return cls(model=data["model"], stages=stages, reference=ref, eval=ev, calibration=cal,
+                   stream=stream, max_memory=None if max_memory is None else str(max_memory))
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -150,6 +166,8 @@ class Recipe:
             "reference": self.reference,
             "eval": self.eval.to_dict(),
             "calibration": self.calibration.to_dict(),
+            "stream": self.stream,
+            "max_memory": self.max_memory,
             "stages": [
                 {"name": st.name, "steps": [{s.name: s.config.to_dict()} for s in st.steps]}
                 for st in self.stages

@@ -1,0 +1,91 @@
+"""Evaluating a model that does not fit in memory: layer by layer over all windows.
+
+:class:`StreamedBackend` runs the embedding on every evaluation window, then each decoder
+layer in turn over all of them (the layer read from disk, used, released), then the final
+norm and head window by window — so the model is never in memory whole, and two large models
+are never in memory together: the reference's logits go to an on-disk cache
+(:class:`compactor.evaluate.backends.CachedBackend` with a ``directory``) before the
+candidate runs. The metrics are the harness's, unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from compactor.models.adapters import decoder_layers
+from compactor.models.load import LoadedModel
+
+
+def _out(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+class StreamedBackend:
+    """A streamed :class:`LoadedModel` as an evaluation backend (``iter_logits``)."""
+
+    kind = "torch (streamed)"
+
+    def __init__(self, loaded: LoadedModel, name: str | None = None, batch: int = 4):
+        self.loaded = loaded
+        self.name = name or loaded.source
+        self.load_seconds = loaded.load_seconds
+        self.batch = batch
+        self.size_bytes, self.params = streamed_size(loaded)
+        self.vocab_size = loaded.model.config.vocab_size
+
+    @torch.inference_mode()
+    def iter_logits(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
+        """``input_ids [N, L]`` -> float32 logits ``[L, V]`` for each window, in order."""
+        from compactor.calibration.sequential import _capture_layer0
+        from compactor.data.windows import TokenWindows
+
+        lm, a = self.loaded, self.loaded.adapter
+        model, store = lm.model, lm.store
+        layers = decoder_layers(model, a)
+        win = TokenWindows(input_ids, torch.ones_like(input_ids, dtype=torch.bool))
+        with store.parts(model, [a.embed], a):
+            states = _capture_layer0(model, layers, win, self.batch)
+        for i in range(len(layers)):
+            layer = store.layer(model, i, a)
+            states = [(_out(layer(h, **kw)), kw) for h, kw in states]
+            del layer
+            store.done(model, i, a)
+        with store.parts(model, [a.final_norm, a.lm_head, a.embed], a):
+            norm, head = model.get_submodule(a.final_norm), model.get_submodule(a.lm_head)
+            softcap = getattr(model.config, "final_logit_softcapping", None)
+            for h, _ in states:
+                logits = head(norm(h)).float()
+                if softcap:
+                    logits = torch.tanh(logits / softcap) * softcap
+                yield from logits
+
+    def window_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return next(iter(self.iter_logits(ids[None])))
+
+    def speed(self, *args, **kwargs) -> dict:
+        return {}  # a streamed model reads its weights from disk: its speed is not a runtime's
+
+
+def streamed_size(loaded: LoadedModel) -> tuple[int, int]:
+    """(storage bytes, parameter count) of a streamed model, from its checkpoints: codes at
+    their grid's bits per weight, other tensors at their stored size; tied tensors once."""
+    from compactor.quant.storage import read_manifest
+
+    store, a, model = loaded.store, loaded.adapter, loaded.model
+    nbytes = numel = 0
+    tied = {f"{a.lm_head}.weight"} if store.tied else set()
+    coded = {}
+    for d in {*store.source, store.input.directory}:
+        coded.update(read_manifest(d))
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in tied:
+            continue
+        numel += p.numel()
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and module in coded:
+            nbytes += int(round(p.numel() * coded[module]["bits_per_weight"] / 8))
+        else:
+            nbytes += store.input.nbytes(name) if name in store.input else p.numel() * 4
+    return nbytes, numel

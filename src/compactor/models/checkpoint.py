@@ -1,0 +1,174 @@
+"""Sharded safetensors checkpoints, read and written tensor by tensor.
+
+:class:`CheckpointIndex` maps tensor names to shard files (``model.safetensors.index.json``
+or a single ``model.safetensors``) and reads the tensors asked for. Each read opens the
+shard, copies the tensors out and closes it again: a memory map held open keeps every page
+it touched resident and counted in RSS (AutoRound reopens per read for the same reason).
+
+:class:`ShardWriter` writes tensors in the order they are added into numbered shards of at
+most ``max_shard_bytes`` and an index, so a model is written one layer at a time. The same
+writer serves in-memory and streamed models, so both write the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+from compactor.errors import CompactorError
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+#: Default shard size of written checkpoints (transformers' default is 5 GB; smaller shards
+#: keep a streamed writer's buffer small).
+SHARD_BYTES = 2 * 1024**3
+
+
+def _header(path: Path) -> dict:
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), validated."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CompactorError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        n = int.from_bytes(raw, "little")
+        if n <= 0 or n > min(size - 8, 100 * 1024**2):
+            raise CompactorError(f"{path}: safetensors header length {n} does not fit the file ({size} bytes)")
+        try:
+            head = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CompactorError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    data = size - 8 - n
+    for name, info in head.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = info["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise CompactorError(f"{path}: tensor {name!r} has no valid data_offsets") from None
+        if not 0 <= begin <= end <= data:
+            raise CompactorError(f"{path}: tensor {name!r} lies at bytes {begin}..{end}, past the "
+                                 f"{data} bytes of data in the file")
+    return head
+
+
+class CheckpointIndex:
+    """Where every tensor of a transformers checkpoint directory lives."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / INDEX
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise CompactorError(f"{index}: not a safetensors index (needs 'weight_map'): {exc}") from None
+            self.where = dict(weight_map)
+            self.index_file = index
+        elif (self.directory / SINGLE).exists():
+            self.where = {k: SINGLE for k in _header(self.directory / SINGLE) if k != "__metadata__"}
+            self.index_file = self.directory / SINGLE
+        else:
+            raise CompactorError(f"{self.directory} has no {SINGLE} or {INDEX} (only safetensors "
+                                 "checkpoints can be streamed)")
+        self.headers: dict[str, dict] = {}
+        for shard in sorted(set(self.where.values())):
+            path = self.directory / shard
+            if not path.is_file():
+                first = next(n for n, s in self.where.items() if s == shard)
+                raise CompactorError(f"{self.index_file}: shard {shard} (holding {first!r}) is missing")
+            self.headers[shard] = _header(path)
+        for name, shard in self.where.items():
+            if name not in self.headers[shard]:
+                raise CompactorError(f"{self.index_file}: tensor {name!r} is listed in shard {shard}, "
+                                     "which does not hold it")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.where
+
+    def info(self, name: str) -> dict:
+        """``{"dtype": "BF16", "shape": [...], "data_offsets": [...]}`` from the header."""
+        self._check([name])
+        return self.headers[self.where[name]][name]
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self.info(name)["data_offsets"]
+        return end - begin
+
+    def _check(self, names) -> None:
+        missing = [n for n in names if n not in self.where]
+        if missing:
+            raise CompactorError(f"{self.index_file}: tensor {missing[0]!r} is not in the checkpoint"
+                                 + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+
+    def read(self, names, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors (owned copies; floating ones cast to ``dtype`` when given)."""
+        from safetensors import safe_open
+
+        names = list(names)
+        self._check(names)
+        by_shard: dict[str, list[str]] = defaultdict(list)
+        for n in names:
+            by_shard[self.where[n]].append(n)
+        out = {}
+        for shard, members in by_shard.items():
+            with safe_open(str(self.directory / shard), framework="pt") as f:
+                for n in members:
+                    t = f.get_tensor(n)
+                    if dtype is not None and t.is_floating_point() and t.dtype != dtype:
+                        t = t.to(dtype)
+                    else:
+                        t = t.clone()  # never a view of the (soon closed) mapping
+                    out[n] = t
+        return out
+
+
+class ShardWriter:
+    """Writes tensors into ``model-00001.safetensors``, ... of at most ``max_shard_bytes``,
+    in the order added, and an index on :meth:`close`."""
+
+    def __init__(self, directory: str | Path, prefix: str = "model", max_shard_bytes: int = SHARD_BYTES):
+        self.directory = Path(directory)
+        self.prefix = prefix
+        self.max_shard_bytes = max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.weight_map: dict[str, str] = {}
+        self.shards = 0
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.device.type == "meta":
+            # A writer must never receive an unmaterialized tensor (it would write garbage).
+            raise CompactorError(f"internal error: tensor {name} is on the meta device at write time")
+        if name in self.weight_map or name in self.pending:
+            raise CompactorError(f"internal error: tensor {name} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
+            self.flush()
+        self.pending[name] = tensor.detach().contiguous()
+        self.pending_bytes += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.pending:
+            return
+        self.shards += 1
+        shard = f"{self.prefix}-{self.shards:05d}.safetensors"
+        save_file(self.pending, str(self.directory / shard), metadata={"format": "pt"})
+        for n in self.pending:
+            self.weight_map[n] = shard
+        self.total_bytes += self.pending_bytes
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> Path:
+        """Flush and write ``<prefix>.safetensors.index.json``; its path."""
+        self.flush()
+        index = self.directory / f"{self.prefix}.safetensors.index.json"
+        index.write_text(json.dumps({"metadata": {"total_size": self.total_bytes},
+                                     "weight_map": self.weight_map}, indent=1))
+        return index
