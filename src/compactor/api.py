@@ -12,20 +12,20 @@ from compactor.targeting import match_modules
 
 
 def quantize_(model: nn.Module, cfg, progress: bool = False, store=None, adapter=None,
-              sink=None) -> list[str]:
+              sink=None, start_layer: int = 0) -> list[str]:
     """Apply a data-free step (e.g. :class:`RTNConfig`) to every matched module, in place.
     Returns the qualified names of the replaced modules.
 
     ``store``: a streamed model's weights (:mod:`compactor.models.stream`): the walk then
     goes layer by layer, each layer materialized, changed, handed to ``sink(index, layer)``
-    and released."""
+    and released; layers before ``start_layer`` are already done (a resumed run)."""
     entry = lookup_config(cfg)
     if getattr(cfg, "needs_calibration", False):
         raise CompactorError(f"{type(cfg).name} needs calibration data: use the sequential runner "
                              "(compactor quantize ... --method gptq) instead of quantize_")
     names = match_modules(model, cfg.targets, cfg.ignore)
     if store is not None and store.streamed:
-        return _quantize_streamed(model, cfg, entry, names, store, adapter, sink)
+        return _quantize_streamed(model, cfg, entry, names, store, adapter, sink, start_layer)
     # Steps that decide across modules (global magnitude pruning) look at all of them first.
     shared = cfg.prepare(model, names) if hasattr(cfg, "prepare") else None
     for name in names:
@@ -33,7 +33,7 @@ def quantize_(model: nn.Module, cfg, progress: bool = False, store=None, adapter
     return names
 
 
-def _quantize_streamed(model, cfg, entry, names: list[str], store, adapter, sink) -> list[str]:
+def _quantize_streamed(model, cfg, entry, names: list[str], store, adapter, sink, start_layer) -> list[str]:
     from compactor.models.adapters import adapter_for, decoder_layers
 
     adapter = adapter or adapter_for(model)
@@ -49,7 +49,7 @@ def _quantize_streamed(model, cfg, entry, names: list[str], store, adapter, sink
             raise CompactorError(f"{type(cfg).name}: module {name} is outside the decoder layers, "
                                  "which a streamed model cannot change yet; add it to 'ignore'")
         by_layer.setdefault(int(idx), []).append(rest.split(".", 1)[1])
-    for i in range(n_layers):
+    for i in range(start_layer, n_layers):
         if i not in by_layer:
             continue
         layer = store.layer(model, i, adapter)

@@ -25,6 +25,21 @@ def _add_data_args(p: argparse.ArgumentParser, default: str = "domains") -> None
                    help="BOS policy: none = plain slices; prepend = BOS + window-1 tokens")
 
 
+def _add_memory_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--stream", action="store_true",
+                   help="keep the model on disk and read it layer by layer (models bigger than memory)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="cap of the memory plan, e.g. 8GB (default: the memory available); a plan "
+                        "over it stops before any work with exit code 2")
+    p.add_argument("--spill-activations", action="store_true",
+                   help="keep calibration activations on disk between layers (one batch in memory)")
+
+
+def _memory_keys(args) -> dict:
+    return {"stream": args.stream, "max_memory": args.max_memory,
+            "spill_activations": args.spill_activations}
+
+
 def cmd_fetch(args) -> int:
     from compactor.data.austen import austen_dir
     from compactor.models.load import resolve_source
@@ -62,6 +77,11 @@ def cmd_run(args) -> int:
     from compactor.recipe import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
+    if args.stream or args.max_memory or args.spill_activations:  # flags override the recipe
+        import dataclasses
+
+        keys = {k: v for k, v in _memory_keys(args).items() if v}
+        recipe = dataclasses.replace(recipe, **keys)
     out = args.out or f"runs/{Path(args.recipe).stem}"
     ctx = run_recipe(recipe, out=out, overwrite=args.force, resume=args.resume)
     print(table(ctx.results))
@@ -78,6 +98,7 @@ def _run_one_stage(args, steps: list[dict], where: str):
         "eval": {"data": args.data, "tokens": args.tokens, "window": args.window,
                  "after_each_stage": not args.no_eval, "speed": not args.no_speed},
         "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
+        **_memory_keys(args),
         "stages": [{"name": args.method, "steps": steps}],
     }
     return run_recipe(Recipe.from_dict(data, where=where), out=args.out, overwrite=args.force)
@@ -151,7 +172,7 @@ def cmd_export(args) -> int:
     from compactor.export.gguf import GGUFTypes
     from compactor.models.load import load_model
 
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, stream=args.stream)
     opts = {}
     if args.format == "gguf":
         opts["types"] = GGUFTypes(args.type, args.embed_type, args.head_type)
@@ -267,6 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(q)
     q.add_argument("--no-eval", action="store_true", help="skip the evaluation against the original")
     q.add_argument("--no-speed", action="store_true", help="skip the speed test")
+    _add_memory_args(q)
     q.add_argument("--out", required=True, help="output directory")
     q.add_argument("--force", action="store_true", help="replace an existing output directory")
     q.set_defaults(fn=cmd_quantize)
@@ -284,6 +306,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip the runtime check (reload in llama.cpp and compare logits)")
     x.add_argument("--out", required=True, help="output file (gguf) or directory (compressed-tensors, onnx)")
     x.add_argument("--force", action="store_true", help="replace an existing output")
+    x.add_argument("--stream", action="store_true", help="read the model layer by layer from disk")
     x.set_defaults(fn=cmd_export)
 
     pr = sub.add_parser("prune", help="prune: magnitude, Wanda, SparseGPT (N:M too), or structured cuts")
@@ -303,6 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(pr)
     pr.add_argument("--no-eval", action="store_true")
     pr.add_argument("--no-speed", action="store_true")
+    _add_memory_args(pr)
     pr.add_argument("--out", required=True)
     pr.add_argument("--force", action="store_true")
     pr.set_defaults(fn=cmd_prune)
@@ -351,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output directory (default runs/<recipe name>)")
     r.add_argument("--force", action="store_true", help="replace an existing output directory")
     r.add_argument("--resume", action="store_true", help="continue long steps (distill) from their checkpoints")
+    _add_memory_args(r)
     r.set_defaults(fn=cmd_run)
     return p
 

@@ -122,3 +122,26 @@ def test_block_replay_changes_nothing(windows, family):
     for q1, q2 in zip(m1.modules(), m2.modules()):
         if isinstance(q1, QuantizedLinear):
             assert torch.equal(q1.codes, q2.codes)
+
+
+def test_spilled_activations_give_the_same_codes(windows, tmp_path):
+    cfg = GPTQConfig(grid="q4_0")
+    m1, m2 = tiny_model("llama", hidden_size=64), tiny_model("llama", hidden_size=64)
+    run_sequential(m1, windows, apply_gptq, cfg, batch=3, progress=False, replay=False)
+    run_sequential(m2, windows, apply_gptq, cfg, batch=3, progress=False, spill_dir=tmp_path / "spill")
+    assert len(list((tmp_path / "spill").glob("batch*.bin"))) == 3  # one file per batch
+    for (n, q1), (_, q2) in zip(m1.named_modules(), m2.named_modules()):
+        if isinstance(q1, QuantizedLinear):
+            assert torch.equal(q1.codes, q2.codes), n
+
+
+def test_spilled_bf16_round_trips(tmp_path):
+    from compactor.calibration.activations import Activations
+
+    acts = Activations(tmp_path)
+    x = torch.randn(2, 3, 4).to(torch.bfloat16)
+    acts.append(x, {"k": 1})
+    acts[0] = (x * 2, {"k": 1})
+    got, kw = acts[0]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, x * 2) and kw == {"k": 1}
+    assert acts.nbytes_in_memory() == 0

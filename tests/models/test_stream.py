@@ -138,3 +138,75 @@ def test_lying_safetensors_header_is_refused(tiny_dir, tmp_path):
     (bad / "model.safetensors").write_bytes((10**12).to_bytes(8, "little") + raw[8:100])
     with pytest.raises(CompactorError, match="header length"):
         CheckpointIndex(bad)
+
+
+def test_streamed_gguf_export_is_identical_and_verified(tmp_path, tiny_dir, corpus):
+    pytest.importorskip("llama_cpp")
+    from compactor.data.windows import windows_for
+    from compactor.export.api import export_model
+
+    q = tmp_path / "q"
+    run_recipe(_recipe(tiny_dir, corpus, STEPS["gptq"], False), out=q, progress=False)
+    mem = load_model(q)
+    win = windows_for(mem.tokenizer, str(corpus), 64, max_tokens=256)
+    a = export_model(mem, "gguf", tmp_path / "a.gguf", windows=win, progress=False)
+    b = export_model(load_model(q, stream=True), "gguf", tmp_path / "b.gguf", windows=win,
+                     progress=False)
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
+    assert b.verification["passed"] and b.verification["tensors_checked"] == 14
+    # The embedding was rounded to Q8_0 by the exporter: both checks read it from the file.
+    assert b.verification["kld_mean"] == pytest.approx(a.verification["kld_mean"], rel=1e-5, abs=1e-7)
+
+
+_KILLED_RUN = r'''
+import os, signal, sys
+from compactor.quant import storage
+from compactor.recipe.runner import run_recipe
+from compactor.recipe.schema import load_recipe
+
+calls = {"n": 0}
+orig = storage.ModelWriter.checkpoint
+
+def checkpoint(self):
+    state = orig(self)
+    calls["n"] += 1
+    if calls["n"] == int(sys.argv[3]):
+        os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer would: no cleanup at all
+    return state
+
+storage.ModelWriter.checkpoint = checkpoint
+run_recipe(load_recipe(sys.argv[1]), out=sys.argv[2], progress=False)
+'''
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq+gptq"])
+def test_sigkill_during_streamed_calibration_resumes_to_the_same_bytes(tmp_path, corpus, method):
+    import subprocess
+    import sys
+
+    from compactor.models.tiny import tiny_tokenizer
+    from compactor.recipe.schema import load_recipe
+
+    src = tmp_path / "deep"
+    tiny_model("llama", num_hidden_layers=4).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(_recipe(src, corpus, STEPS[method], True).to_yaml())
+    whole = tmp_path / "whole"
+    run_recipe(load_recipe(recipe), out=whole, progress=False)
+    out = tmp_path / "out"
+    # Killed inside the last step's 3rd layer checkpoint, before its progress record
+    # landed: layers 0 and 1 count as done.
+    kill_at = 3 if method == "gptq" else 4 + 3
+    proc = subprocess.run([sys.executable, "-c", _KILLED_RUN, str(recipe), str(out), str(kill_at)],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not out.exists() and (tmp_path / "out.work").exists()
+    step_dirs = sorted((tmp_path / "out.work").glob("step*"))
+    progress = json.loads((step_dirs[-1] / "progress.json").read_text())
+    assert progress["done"] == [0, 1]
+    run_recipe(load_recipe(recipe), out=out, progress=False, resume=True)
+    for f in sorted(p.name for p in whole.iterdir() if p.suffix == ".safetensors" or
+                    p.name in ("quantization.json", "model.safetensors.index.json")):
+        assert filecmp.cmp(whole / f, out / f, shallow=False), f
+    assert not (tmp_path / "out.work").exists()

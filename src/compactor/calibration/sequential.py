@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 import contextlib
 
+from compactor.calibration.activations import Activations
 from compactor.calibration.hooks import StopForward, input_hooks, replay_block
 from compactor.data.windows import TokenWindows
 from compactor.errors import CompactorError
@@ -105,7 +106,8 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                    batch: int = 8, dtype: torch.dtype = torch.float32,
                    progress: bool = True, on_layer: Callable | None = None,
                    replay: bool = True, store=None,
-                   sink: Callable[[int, torch.nn.Module], None] | None = None) -> CalibrationReport:
+                   sink: Callable[[int, torch.nn.Module], None] | None = None,
+                   spill_dir=None, start_layer: int = 0) -> CalibrationReport:
     """Calibrate and apply ``handler`` to every linear of every decoder layer, in place.
 
     ``on_layer(index, inputs, outputs)``: called after each layer with its input and output
@@ -113,7 +115,11 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     ``store``: where the weights live (:mod:`compactor.models.stream`; in memory by
     default): each layer is taken from it before its work and handed back after, so a
     streamed model holds one layer at a time. ``sink(index, layer)``: called with each
-    finished layer before it is handed back (a streamed run writes it out there)."""
+    finished layer before it is handed back (a streamed run writes it out there).
+    ``spill_dir``: keep the activations between layers in files there instead of memory
+    (one batch in memory at a time); replaying cached consumer inputs is then off, since
+    that cache would live in memory. ``start_layer``: layers before it are already done
+    (a resumed run): they only propagate the activations, as they would have."""
     if len(windows) == 0:
         raise CompactorError("calibration data is empty: no token windows to observe")
     adapter = adapter or adapter_for(model)
@@ -124,8 +130,11 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     t0 = time.perf_counter()
     with store.parts(model, [adapter.embed], adapter):
         captured = _capture_layer0(model, layers, windows, batch)
-    inputs = [(_cast(h, dtype), {k: _cast(v, dtype) for k, v in kw.items()}) for h, kw in captured]
+    inputs = Activations(spill_dir)
+    for h, kw in captured:
+        inputs.append(_cast(h, dtype), {k: _cast(v, dtype) for k, v in kw.items()})
     del captured
+    replay = replay and spill_dir is None
     smoothing = getattr(cfg, "smoothing", False)
     # Smoothing methods (AWQ, SmoothQuant) visit producer -> consumers pairs; the others
     # visit groups of linears that share an input.
@@ -136,6 +145,12 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     replayable = {adapter.attn[3]: True, adapter.mlp[2]: False}  # name -> block returns a tuple
     for li in tqdm(range(len(layers)), desc=f"calibrate {type(cfg).name}", disable=not progress, unit="layer"):
         layer = store.layer(model, li, adapter)
+        if li < start_layer:
+            runner = layer if dtype == torch.float32 else copy.deepcopy(layer).to(dtype)
+            _propagate(runner, inputs, {}, replayable, on_layer, li)
+            del runner, layer
+            store.done(model, li, adapter)
+            continue
         cache: dict[str, list] = {}  # consumer -> its inputs, per batch, once upstream is final
         # The forward passes run on `runner` (a reduced-precision shadow, or the layer itself).
         runner = layer if dtype == torch.float32 else copy.deepcopy(layer).to(dtype)
@@ -211,14 +226,7 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
             if runner is not layer:
                 runner = copy.deepcopy(layer).to(dtype)
         # Propagate the compressed layer's outputs to the next layer.
-        with torch.no_grad(), _replayed(runner, cache if follow is None else {}, replayable):
-            if on_layer is None:  # overwrite batch by batch: one copy of the activations, not two
-                for i, (hidden, kwargs) in enumerate(inputs):
-                    inputs[i] = (_out(runner(hidden, **kwargs)), kwargs)
-            else:
-                outputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
-                on_layer(li, [h for h, _ in inputs], [h for h, _ in outputs])
-                inputs = outputs
+        _propagate(runner, inputs, cache if follow is None else {}, replayable, on_layer, li)
         del runner, cache
         if sink is not None:
             sink(li, layer)
@@ -228,6 +236,19 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     report.seconds = time.perf_counter() - t0
     report.peak_rss_bytes = peak_rss_bytes()
     return report
+
+
+def _propagate(runner, inputs: Activations, cache: dict, replayable: dict, on_layer, li: int) -> None:
+    """Replace every batch of ``inputs`` by the (compressed) layer's output on it."""
+    with torch.no_grad(), _replayed(runner, cache, replayable):
+        if on_layer is None:  # overwrite batch by batch: one copy of the activations, not two
+            for i, (hidden, kwargs) in enumerate(inputs):
+                inputs[i] = (_out(runner(hidden, **kwargs)), kwargs)
+        else:
+            outputs = [(_out(runner(hidden, **kwargs)), kwargs) for hidden, kwargs in inputs]
+            on_layer(li, [h for h, _ in inputs], [h for h, _ in outputs])
+            for i, out in enumerate(outputs):
+                inputs[i] = out
 
 
 def _replayed(layer, cache: dict[str, list], replayable: dict[str, bool]) -> contextlib.ExitStack:

@@ -50,6 +50,20 @@ class TokenWindows:
         return out
 
 
+def sample_windows(windows: "TokenWindows | dict[str, TokenWindows]", tokens: int) -> TokenWindows:
+    """About ``tokens`` tokens of windows: the first ones, or with several domains an equal
+    share of each domain's first windows (e.g. to verify an export on every domain)."""
+    if isinstance(windows, TokenWindows):
+        return windows.head(max(1, min(len(windows), -(-tokens // windows.length))))
+    parts = list(windows.values())
+    per = max(1, -(-tokens // (parts[0].length * len(parts))))
+    heads = [w.head(min(per, len(w))) for w in parts]
+    prov = {"domains": {k: h.provenance for k, h in zip(windows, heads)}, "n_windows": sum(len(h) for h in heads)}
+    out = TokenWindows(torch.cat([h.input_ids for h in heads]), torch.cat([h.score_mask for h in heads]), prov)
+    out.provenance["tokens_scored"] = out.n_scored
+    return out
+
+
 def make_windows(
     token_ids: list[int] | torch.Tensor,
     length: int = 512,

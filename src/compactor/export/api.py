@@ -150,10 +150,10 @@ def _export_gguf(loaded, out, verify, windows, prov, progress, types=None) -> Ex
     with atomic_file(out) as tmp:
         exp = export_gguf(loaded.model, tmp, types=types, tokenizer=loaded.tokenizer,
                           tokenizer_gguf=tokenizer_gguf_for(loaded), provenance=prov,
-                          adapter=loaded.adapter, progress=progress)
+                          adapter=loaded.adapter, progress=progress, store=loaded.store)
         ver = None
         if verify:
-            v = verify_gguf(loaded.model, exp, windows, progress=progress)
+            v = verify_gguf(loaded.model, exp, windows, progress=progress, loaded=loaded)
             if not v.passed:
                 raise VerificationFailed(f"{out}: {v.describe()}; the file was not written")
             ver = v.to_dict()

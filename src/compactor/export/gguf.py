@@ -143,17 +143,34 @@ def _encode(w: torch.Tensor, type_name: str, where: str) -> tuple[np.ndarray, in
     return pack_ggml(qp.quantize(w.detach().float()), qp, t.name), t.type_id, t.name, note
 
 
-def _walk(model, adapter: Adapter) -> Iterator[tuple[str, Any]]:
-    """(transformers name, tensor-or-QuantizedLinear) for every weight, each once."""
-    quantized = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+def _walk_module(module, prefix: str = "", skip: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:
+    """(transformers name, tensor-or-QuantizedLinear) for every weight of ``module``, each
+    once (tied parameters under the embedding), names prefixed, those under ``skip`` left out."""
+    quantized = {n: m for n, m in module.named_modules() if isinstance(m, QuantizedLinear)
+                 and not (prefix + n).startswith(skip)}
     for n, m in quantized.items():
-        yield f"{n}.weight", m
+        yield f"{prefix}{n}.weight", m
         if m.bias is not None:
-            yield f"{n}.bias", m.bias
+            yield f"{prefix}{n}.bias", m.bias
     inside = tuple(f"{n}." for n in quantized)
-    for n, p in model.named_parameters():  # tied parameters appear once (under the embedding)
-        if not n.startswith(inside):
-            yield n, p
+    for n, p in module.named_parameters():
+        if not n.startswith(inside) and not (prefix + n).startswith(skip):
+            yield prefix + n, p
+
+
+def _walk(model, adapter: Adapter, store) -> Iterator[tuple[str, Any]]:
+    """Every weight, layer by layer from the weight store (each decoder layer materialized
+    while its tensors are packed, then released), then the embedding, final norm and head."""
+    from compactor.models.adapters import decoder_layers
+
+    n_layers = len(decoder_layers(model, adapter))
+    for i in range(n_layers):
+        layer = store.layer(model, i, adapter)
+        yield from _walk_module(layer, prefix=f"{adapter.layers}.{i}.")
+        del layer
+        store.done(model, i, adapter)
+    with store.parts(model, [adapter.embed, adapter.final_norm, adapter.lm_head], adapter):
+        yield from _walk_module(model, skip=(f"{adapter.layers}.",))
 
 
 def _tensor_name(name_map, hf_name: str, where: str) -> str:
@@ -166,13 +183,19 @@ def _tensor_name(name_map, hf_name: str, where: str) -> str:
 
 def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, tokenizer=None,
                 tokenizer_gguf: str | Path | None = None, provenance: dict | None = None,
-                adapter: Adapter | None = None, progress: bool = True) -> GGUFExport:
+                adapter: Adapter | None = None, progress: bool = True, store=None) -> GGUFExport:
     """Write ``model`` (transformers causal LM, possibly with QuantizedLinear modules) to
     ``path``. The tokenizer is copied from ``tokenizer_gguf`` when given (keeps llama.cpp's
-    pre-tokenizer name), else built from the transformers ``tokenizer``."""
-    import gguf
-    from tqdm.auto import tqdm
+    pre-tokenizer name), else built from the transformers ``tokenizer``.
 
+    Tensors are packed layer by layer from ``store`` (in memory by default, or streamed
+    from disk) and spooled to a temporary file as they are packed, so memory holds one
+    layer and its packed arrays, not the file."""
+    from compactor.models.stream import ResidentWeights
+
+    import gguf
+
+    store = store or ResidentWeights()
     t0 = time.perf_counter()
     types = types or GGUFTypes()
     adapter = adapter or adapter_for(model)
@@ -190,10 +213,44 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
         raise CompactorError("GGUF export needs a tokenizer: pass the transformers tokenizer or a GGUF to copy it from")
 
     records: list[TensorRecord] = []
-    arrays: list[tuple[str, np.ndarray, int]] = []
     notes: list[str] = []
     embed_w = f"{adapter.embed}.weight"
-    for hf_name, obj in tqdm(list(_walk(model, adapter)), desc="gguf tensors", disable=not progress,
+    import tempfile
+
+    writer = gguf.GGUFWriter(None, adapter.gguf_arch, use_temp_file=True)
+    # Packed tensors spool to a file beside the output (past 256 MB in memory), in order;
+    # the header, written last, is followed by a copy of the spool.
+    writer.temp_file = tempfile.SpooledTemporaryFile(mode="w+b", max_size=256 * 1024**2,
+                                                     dir=str(path.parent.resolve()))
+    _pack_all(model, adapter, store, types, cfg, name_map, path, embed_w, records, notes, writer,
+              progress)
+    with atomic_file(path) as tmp:
+        writer.add_string("general.name", getattr(cfg, "_name_or_path", "") or "compactor model")
+        writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+        writer.add_uint32("general.file_type", _file_type(records))
+        for key, (value, vtype) in arch_metadata(cfg, adapter.gguf_arch, str(path)).items():
+            writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
+        for key, value, vtype, sub in tok_keys:
+            writer.add_key_value(key, value, vtype, sub_type=sub)
+        for key, value in provenance_metadata(provenance or {}).items():
+            writer.add_string(key, value)
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+    size = path.stat().st_size
+    params = sum(r.numel for r in records)
+    return GGUFExport(path, records, size, params, time.perf_counter() - t0, adapter, _count(notes))
+
+
+def _pack_all(model, adapter, store, types, cfg, name_map, path, embed_w, records, notes, writer,
+              progress) -> None:
+    """Pack every tensor (codes as chosen, floats rounded to the policy's type) and hand it
+    to the writer, which spools it; records what was written."""
+    import gguf
+    from tqdm.auto import tqdm
+
+    for hf_name, obj in tqdm(_walk(model, adapter, store), desc="gguf tensors", disable=not progress,
                              leave=False):
         gname = _tensor_name(name_map, hf_name, str(path))
         note = None
@@ -224,31 +281,11 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
             arr = arr[qk_row_permutation(rows, n_head).numpy()]
         numel = obj.out_features * obj.in_features if isinstance(obj, QuantizedLinear) else obj.numel()
         records.append(TensorRecord(gname, hf_name, tname, numel, arr.nbytes, origin, note))
-        arrays.append((gname, np.ascontiguousarray(arr), tid))
+        raw = gguf.GGMLQuantizationType(tid)
+        writer.add_tensor(gname, np.ascontiguousarray(arr), raw_dtype=None if raw.name in ("F32", "F16") else raw)
         if note:
             notes.append(note)
 
-    with atomic_file(path) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), adapter.gguf_arch)
-        writer.add_string("general.name", getattr(cfg, "_name_or_path", "") or "compactor model")
-        writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-        writer.add_uint32("general.file_type", _file_type(records))
-        for key, (value, vtype) in arch_metadata(cfg, adapter.gguf_arch, str(path)).items():
-            writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
-        for key, value, vtype, sub in tok_keys:
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        for key, value in provenance_metadata(provenance or {}).items():
-            writer.add_string(key, value)
-        for gname, arr, tid in arrays:
-            raw = gguf.GGMLQuantizationType(tid)
-            writer.add_tensor(gname, arr, raw_dtype=None if raw.name in ("F32", "F16") else raw)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=False)
-        writer.close()
-    size = path.stat().st_size
-    params = sum(r.numel for r in records)
-    return GGUFExport(path, records, size, params, time.perf_counter() - t0, adapter, _count(notes))
 
 
 def _count(notes: list[str]) -> list[str]:

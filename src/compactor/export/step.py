@@ -53,13 +53,14 @@ def _export_step(ctx, cfg: ExportConfig) -> None:
 
     if ctx.out_dir is None:
         raise CompactorError("the export step needs a run with an output directory (compactor run --out DIR)")
+    from compactor.data.windows import sample_windows
+
     windows = ctx.eval_windows()
-    n = max(1, min(len(windows), -(-cfg.verify_tokens // windows.length)))
     out = Path(ctx.out_dir) / cfg.file
     opts = {"types": GGUFTypes(cfg.type, cfg.embed_type, cfg.head_type)} if cfg.format == "gguf" else {}
     prov = {"calibration": ctx._calib_windows.provenance if ctx._calib_windows else None,
             "recipe": ctx.recipe.to_yaml()}
-    res = export_model(ctx.loaded, cfg.format, out, verify=cfg.verify, windows=windows.head(n),
+    res = export_model(ctx.loaded, cfg.format, out, verify=cfg.verify, windows=sample_windows(windows, cfg.verify_tokens),
                        provenance=prov, overwrite=True)
     ctx.reports.append({"step": "export", **res.to_dict(), "path": cfg.file})
     if cfg.score and cfg.format == "gguf":

@@ -64,19 +64,23 @@ class Verification:
                 f"(min {self.min_top1})")
 
 
-def _file_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a GGUF file dequantized by ``gguf.quants`` (transformers row order
-    restored later by the caller), as float32 [rows, cols]."""
-    import gguf
-    from gguf.quants import dequantize
+class FileTensors:
+    """Tensors of a GGUF file, each dequantized by ``gguf.quants`` when asked for, as float32
+    ``[rows, cols]`` in the file's row order (the reader maps the file; nothing is held)."""
 
-    reader = gguf.GGUFReader(str(path))
-    out = {}
-    for t in reader.tensors:
+    def __init__(self, path: Path):
+        import gguf
+
+        self.reader = gguf.GGUFReader(str(path))
+        self.by_name = {t.name: t for t in self.reader.tensors}
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from gguf.quants import dequantize
+
+        t = self.by_name[name]
         arr = dequantize(t.data, t.tensor_type)
-        out[t.name] = torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(
+        return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(
             [int(d) for d in reversed(t.shape)] if len(t.shape) > 1 else [-1])
-    return out
 
 
 def _unpermute(w: torch.Tensor, record, model, exp: GGUFExport) -> torch.Tensor:
@@ -89,17 +93,33 @@ def _unpermute(w: torch.Tensor, record, model, exp: GGUFExport) -> torch.Tensor:
     return restored
 
 
-def check_tensors(model, exp: GGUFExport) -> tuple[int, float, str | None, dict[str, torch.Tensor]]:
-    """Compare code tensors with memory; return (count, max error, worst, rounded tensors)."""
-    file_t = _file_tensors(exp.path)
-    worst, worst_name, n, rounded = 0.0, None, 0, {}
+def _layer_of(name: str, adapter) -> int | None:
+    head, _, rest = name.partition(f"{adapter.layers}.")
+    idx = rest.split(".", 1)[0]
+    return int(idx) if not head and idx.isdigit() else None
+
+
+def check_tensors(model, exp: GGUFExport, store=None) -> tuple[int, float, str | None, list]:
+    """Compare code tensors with memory, layer by layer from ``store`` (in memory by
+    default); return (count, max error, worst, records of the tensors the exporter rounded)."""
+    from compactor.models.stream import ResidentWeights
+
+    store = store or ResidentWeights()
+    file_t = FileTensors(exp.path)
+    worst, worst_name, n, rounded = 0.0, None, 0, []
+    held = None  # (layer index, module) currently materialized
     for rec in exp.tensors:
         if rec.origin == "float":
             continue
-        w = _unpermute(file_t[rec.name], rec, model, exp)
         if rec.origin == "rounded":
-            rounded[rec.source] = w
+            rounded.append(rec)
             continue
+        li = _layer_of(rec.source, exp.adapter)
+        if li is not None and (held is None or held[0] != li):
+            if held is not None:
+                store.done(model, held[0], exp.adapter)
+            held = (li, store.layer(model, li, exp.adapter))
+        w = _unpermute(file_t[rec.name], rec, model, exp)
         mem = model.get_submodule(rec.source.rsplit(".", 1)[0]).weight.detach().float()
         if mem.shape != w.shape:
             raise CompactorError(f"{exp.path}: tensor {rec.name} has shape {tuple(w.shape)}, "
@@ -108,27 +128,41 @@ def check_tensors(model, exp: GGUFExport) -> tuple[int, float, str | None, dict[
         n += 1
         if err >= worst:
             worst, worst_name = err, rec.name
+    if held is not None:
+        store.done(model, held[0], exp.adapter)
     return n, worst, worst_name, rounded
 
 
 def verify_gguf(model, exp: GGUFExport, windows, max_kld: float = MAX_KLD,
-                min_top1: float = MIN_TOP1, progress: bool = False) -> Verification:
-    """Run both checks on the file ``exp`` describes; the result says whether it passed."""
+                min_top1: float = MIN_TOP1, progress: bool = False, loaded=None) -> Verification:
+    """Run both checks on the file ``exp`` describes; the result says whether it passed.
+
+    ``loaded``: the model's :class:`LoadedModel` when its weights are streamed; the expected
+    logits then come layer by layer, with the exporter-rounded tensors read from the file."""
     from compactor.evaluate.backends import LlamaCppBackend
     from compactor.evaluate.harness import evaluate
 
-    n, err, worst, rounded = check_tensors(model, exp)
-    expected = model
-    if rounded:
+    streamed = loaded is not None and loaded.streamed
+    n, err, worst, rounded = check_tensors(model, exp, loaded.store if streamed else None)
+    expected = loaded if streamed else model
+    if rounded and streamed:
+        file_t = FileTensors(exp.path)
+        expected.store.overrides = {rec.source: (lambda rec=rec: _unpermute(file_t[rec.name], rec, model, exp))
+                                    for rec in rounded}
+    elif rounded:
+        file_t = FileTensors(exp.path)
         expected = copy.deepcopy(model)
         with torch.no_grad():
-            for name, w in rounded.items():
-                expected.get_parameter(name).copy_(w.to(expected.get_parameter(name).dtype))
+            for rec in rounded:
+                w = _unpermute(file_t[rec.name], rec, model, exp)
+                expected.get_parameter(rec.source).copy_(w.to(expected.get_parameter(rec.source).dtype))
     runtime = LlamaCppBackend(exp.path, n_ctx=max(1024, windows.length + 160), name=exp.path.name)
     try:
         res = evaluate(runtime, windows, reference=expected, speed=False, progress=progress)
     finally:
         runtime.close()
+        if streamed:
+            expected.store.overrides = {}
     ok = err <= TENSOR_RTOL and res.kld_mean <= max_kld and res.top1 >= min_top1
     return Verification(str(exp.path), n, err, worst, res.kld_mean, res.kld_p99, res.top1,
                         res.tokens, max_kld, min_top1, ok)

@@ -166,9 +166,24 @@ class ShardWriter:
         self.pending, self.pending_bytes = {}, 0
 
     def close(self) -> Path:
-        """Flush and write ``<prefix>.safetensors.index.json``; its path."""
+        """Flush and write ``<prefix>.safetensors.index.json`` (atomically); its path."""
         self.flush()
         index = self.directory / f"{self.prefix}.safetensors.index.json"
-        index.write_text(json.dumps({"metadata": {"total_size": self.total_bytes},
-                                     "weight_map": self.weight_map}, indent=1))
+        tmp = index.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"metadata": {"total_size": self.total_bytes},
+                                   "weight_map": self.weight_map}, indent=1))
+        tmp.replace(index)
         return index
+
+    def state(self) -> dict:
+        """What :meth:`restore` needs to continue writing after a crash (call after a flush)."""
+        return {"weight_map": dict(self.weight_map), "shards": self.shards, "total_bytes": self.total_bytes}
+
+    def restore(self, state: dict) -> None:
+        """Continue from :meth:`state`; shards written after it (by a killed run) are dropped."""
+        self.weight_map = dict(state["weight_map"])
+        self.shards, self.total_bytes = state["shards"], state["total_bytes"]
+        keep = set(self.weight_map.values())
+        for f in self.directory.glob(f"{self.prefix}-*.safetensors"):
+            if f.name not in keep:
+                f.unlink()

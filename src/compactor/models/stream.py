@@ -103,6 +103,9 @@ class StreamedWeights:
         self.source: list[Path] = [Path(directory)] * len(layers)
         self._indexes: dict[Path, CheckpointIndex] = {Path(directory): self.input}
         self.tied = bool(getattr(model.config, "tie_word_embeddings", False))
+        #: name -> loader of a tensor that replaces the checkpoint's when materialized (the
+        #: values an exporter rounded, read back from its file while it is verified)
+        self.overrides: dict[str, object] = {}
         self._check_complete(model)
 
     def _check_complete(self, model) -> None:
@@ -144,7 +147,8 @@ class StreamedWeights:
                  if not (n.endswith(".weight") and n[: -len(".weight")] in coded)]
         tensors = self.index(src).read([prefix + n for n, _ in names], dtype=torch.float32)
         for n, is_param in names:
-            _set_tensor(layer, n, tensors[prefix + n], is_param)
+            t = self.overrides[prefix + n]() if prefix + n in self.overrides else tensors[prefix + n]
+            _set_tensor(layer, n, t, is_param)
         restore_quantization(layer, src, adapter.lm_head, prefix=prefix)
         layers[i] = layer
         return layer
@@ -155,8 +159,10 @@ class StreamedWeights:
         release_freed_memory()
 
     def moved(self, i: int, directory: Path) -> None:
-        """Layer ``i`` is read from ``directory`` from now on."""
+        """Layer ``i`` is read from ``directory`` from now on (its index is read afresh: the
+        directory may have grown since it was last read)."""
         self.source[i] = Path(directory)
+        self._indexes.pop(Path(directory), None)
 
     @contextlib.contextmanager
     def parts(self, model, names: list[str], adapter: Adapter) -> Iterator[None]:
@@ -172,7 +178,10 @@ class StreamedWeights:
             full = {n: (f"{part}.{n}" if not (part == head and self.tied) else f"{embed}.{n}") for n, _ in todo}
             tensors = self.input.read(full.values(), dtype=torch.float32)
             for n, is_param in todo:
-                _set_tensor(mod, n, tensors[full[n]], is_param)
+                own = f"{part}.{n}"
+                t = (self.overrides[own]() if own in self.overrides
+                     else self.overrides[full[n]]() if full[n] in self.overrides else tensors[full[n]])
+                _set_tensor(mod, n, t, is_param)
             done.append(mod)
         if self.tied and embed in names and head in names:
             model.get_submodule(head)._parameters["weight"] = model.get_submodule(embed).weight

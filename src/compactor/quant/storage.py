@@ -96,7 +96,6 @@ class ModelWriter:
         self.manifest: dict[str, dict] = {}
         self.acts: dict[str, dict] = {}
         self.weight_dtype = weight_dtype or (lambda name: None)
-        self._seen: set[int] = set()
 
     def add(self, module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
         """Every tensor of ``module`` (named ``prefix`` + its own names), except names that
@@ -112,19 +111,44 @@ class ModelWriter:
         for n, m in module.named_modules():
             if isinstance(m, ActQuantLinear) and not (prefix + n).startswith(skip):
                 self.acts[prefix + n] = {"mode": m.mode, "bits": m.bits, "scale": float(m.act_scale)}
+        # Shared tensors (a tied head) are written once. Only within one call: a streamed
+        # layer's memory is freed after it is written, and a later tensor may reuse the address.
+        seen: set[int] = set()
         with dequantized_view(module):
             state = module.state_dict(keep_vars=True)
             for n, t in state.items():
                 full = prefix + n
-                if full.startswith(skip) or t.data_ptr() in self._seen and t.device.type != "meta":
+                if full.startswith(skip) or t.data_ptr() in seen and t.device.type != "meta":
                     continue
                 owner = n.rsplit(".", 1)[0]
                 if owner in qmods and n.endswith(".weight"):
                     dt = self.weight_dtype(full)
                     t = t.to(dt) if dt is not None else t
                 else:
-                    self._seen.add(t.data_ptr())
+                    seen.add(t.data_ptr())
                 self.weights.add(full, t.detach())
+
+    def checkpoint(self) -> dict:
+        """Flush everything added so far and write a loadable partial checkpoint (index and
+        manifest of what is written); returns the state :meth:`restore` continues from."""
+        self.weights.close()
+        self.codes.close()
+        self._write_manifests()
+        return {"weights": self.weights.state(), "codes": self.codes.state(),
+                "manifest": self.manifest, "acts": self.acts}
+
+    def restore(self, state: dict) -> None:
+        self.weights.restore(state["weights"])
+        self.codes.restore(state["codes"])
+        self.manifest, self.acts = dict(state["manifest"]), dict(state["acts"])
+
+    def _write_manifests(self) -> None:
+        for n, entry in self.manifest.items():
+            entry["file"] = self.codes.weight_map[f"{n}.codes"]
+        if self.manifest:
+            _write_json(self.directory / MANIFEST, self.manifest)
+        if self.acts:
+            _write_json(self.directory / ACTIVATIONS, self.acts)
 
     def close(self, config, tokenizer=None, generation_config=None) -> None:
         self.weights.close()
@@ -134,14 +158,15 @@ class ModelWriter:
             generation_config.save_pretrained(self.directory)
         if tokenizer is not None:
             tokenizer.save_pretrained(self.directory)
-        if self.manifest:
-            for n, entry in self.manifest.items():
-                entry["file"] = self.codes.weight_map[f"{n}.codes"]
-            (self.directory / MANIFEST).write_text(json.dumps(self.manifest, indent=1))
-        else:
+        self._write_manifests()
+        if not self.manifest:
             codes_index.unlink()
-        if self.acts:
-            (self.directory / ACTIVATIONS).write_text(json.dumps(self.acts, indent=1))
+
+
+def _write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
 
 
 def _read_module_tensors(directory: Path, entry: dict, n: str, names: list[str]) -> dict:
@@ -233,4 +258,12 @@ def save_model(model, tokenizer, directory: Path, store=None, adapter=None,
     with store.parts(model, outer, adapter):
         tied = getattr(model.config, "tie_word_embeddings", False)
         writer.add(model, skip=(layers,) + ((f"{adapter.lm_head}.",) if tied else ()))
+    # Every parameter must have landed (a writer that skipped one would leave transformers
+    # to initialise it at random on load).
+    written = set(writer.weights.weight_map) | set(writer.weights.pending)
+    head = f"{adapter.lm_head}.weight"
+    missing = [n for n, _ in model.named_parameters(remove_duplicate=False)
+               if n not in written and not (tied and n == head)]
+    if missing:
+        raise CompactorError(f"internal error: {len(missing)} tensors were not written (first: {missing[0]})")
     writer.close(model.config, tokenizer, getattr(model, "generation_config", None))

@@ -5,11 +5,11 @@ after each stage against the original, and write a self-describing output direct
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import platform
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -22,6 +22,7 @@ from compactor.io import atomic_dir
 from compactor.models.load import LoadedModel, load_model
 from compactor.quant.storage import save_model
 from compactor.recipe.schema import Recipe
+from compactor.recipe.streamed import StepOutput
 from compactor.registry import lookup_config
 
 
@@ -46,6 +47,7 @@ class RunContext:
     layer_origin: list[int] | None = None  # original index of each current layer, after drop_layers
     streamed_notes: list[str] = field(default_factory=list)  # notes of the layers a streamed step wrote
     streamed_sparsity: list = field(default_factory=list)  # their sparsity rows, for pruning steps
+    plan: Any = None  # the memory plan printed before the run
 
     @property
     def model(self):
@@ -111,24 +113,65 @@ def _environment() -> dict[str, Any]:
     }
 
 
+#: Steps that work on a streamed model: layer-local compression, evaluation, export.
+STREAMABLE_KINDS = ("module", "pair", "eval")
+#: ... except these, which need the whole float model in memory.
+NOT_STREAMABLE = ("llamacpp_quantize", "activations")
+
+
+def _check_streamable(recipe: Recipe) -> None:
+    """Refuse, before any work, a streamed recipe with a step that needs the whole model."""
+    from compactor.errors import ConfigError
+
+    if not recipe.stream:
+        return
+    for stage in recipe.stages:
+        for step in stage.steps:
+            kind = lookup_config(step.config).kind
+            if kind not in STREAMABLE_KINDS or step.name in NOT_STREAMABLE:
+                raise ConfigError(
+                    f"stage {stage.name!r}: step {step.name!r} needs the whole model in memory and "
+                    f"cannot run streamed yet (streamed steps: rtn, gptq, awq, smoothquant, wanda, "
+                    f"sparsegpt, magnitude with layer scope, evaluate, export)")
+
+
+def memory_plan(recipe: Recipe, show: bool = True):
+    """Print the run's memory plan and stop (exit 2, nothing written) when it is over the
+    cap — before any weight is loaded: the plan reads only the model's config."""
+    from compactor.models.load import resolve_source
+    from compactor.models.adapters import adapter_for
+    from compactor.models.stream import load_skeleton
+    from compactor.plan import check_plan, plan_for_recipe
+
+    directory, _, adapter = resolve_source(recipe.model)
+    skeleton = load_skeleton(directory)
+    plan = plan_for_recipe(recipe, skeleton, adapter or adapter_for(skeleton))
+    if show:
+        print(plan.describe(), file=sys.stderr)
+    check_plan(plan)
+    return plan
+
+
 def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
                progress: bool = True, resume: bool = False) -> RunContext:
     """Run ``recipe``; if ``out`` is given, write the output directory there (atomically).
 
     Long steps (distillation) checkpoint into ``<out>.work/``, which outlives a crash and is
     removed once the output is in place; ``resume`` continues them from there."""
+    _check_streamable(recipe)
+    plan = memory_plan(recipe, progress)
     loaded = load_model(recipe.model, stream=recipe.stream)
     started = time.time()
     if out is None:
         with tempfile.TemporaryDirectory(prefix="compactor-work-") as work:
-            ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=Path(work))
+            ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=Path(work), plan=plan)
             _run_stages(ctx, progress)
         return ctx
     work = Path(out).parent / f"{Path(out).name}.work"
     rank = int(os.environ.get("RANK", "0"))
     if rank == 0 and work.exists() and overwrite and not resume:
         shutil.rmtree(work)
-    ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=work, resume=resume)
+    ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=work, resume=resume, plan=plan)
     if rank != 0:
         # Under torchrun only rank 0 writes; the others train alongside and share work_dir
         # (rank 0's checkpoints) so that --resume restores every process.
@@ -181,6 +224,7 @@ def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
         "calibration_domains": (calibration_domains(ctx._calib_windows.provenance)
                                 if ctx._calib_windows else None),
         "steps": ctx.log,
+        "memory_plan": ctx.plan.to_dict() if ctx.plan is not None else None,
         "reports": ctx.reports,
         "environment": _environment(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
@@ -221,14 +265,15 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
         _apply_planned(ctx, cfg, entry, progress)
     elif getattr(cfg, "needs_calibration", False):
         chosen = set(match_modules(model, cfg.targets, cfg.ignore))
-        sink, commit = streamed_output(ctx, type(cfg).name, cfg)
+        out = StepOutput.open(ctx, type(cfg).name, cfg)
+        spill = ctx.work_dir / "activations" if ctx.recipe.spill_activations else None
         rep = run_sequential(model, ctx.calib_windows(), entry.handler, cfg,
-                             adapter=ctx.loaded.adapter,
+                             adapter=ctx.loaded.adapter, spill_dir=spill,
                              true_sequential=getattr(cfg, "true_sequential", True),
                              dtype=calibration_dtype(getattr(cfg, "calibration_dtype", "float32")),
                              skip=lambda name: name not in chosen, progress=progress,
-                             store=ctx.loaded.store, sink=sink)
-        commit()
+                             store=ctx.loaded.store, sink=out.sink, start_layer=out.resume_from)
+        out.commit()
         ctx.reports.append({"step": type(cfg).name, "modules": len(rep.modules),
                             "seconds": round(rep.seconds, 1), "peak_rss_bytes": rep.peak_rss_bytes,
                             "calibration_tokens": rep.tokens, "streamed": ctx.loaded.streamed,
@@ -237,50 +282,14 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
                             **({"pairs": rep.pairs} if rep.pairs else {}),
                             **_sparsity(ctx, rep.modules, cfg)})
     else:
-        sink, commit = streamed_output(ctx, type(cfg).name, cfg)
-        names = quantize_(model, cfg, store=ctx.loaded.store, adapter=ctx.loaded.adapter, sink=sink)
-        commit()
+        out = StepOutput.open(ctx, type(cfg).name, cfg)
+        names = quantize_(model, cfg, store=ctx.loaded.store, adapter=ctx.loaded.adapter, sink=out.sink,
+                          start_layer=out.resume_from)
+        out.commit()
         notes = (ctx.streamed_notes if ctx.loaded.streamed else
                  [m.note for n in names if getattr(m := model.get_submodule(n), "note", None)])
         ctx.reports.append({"step": type(cfg).name, "modules": len(names), "notes": _count(notes),
                             **_sparsity(ctx, names, cfg)})
-
-
-def streamed_output(ctx: RunContext, step: str, cfg=None):
-    """For a streamed model: ``(sink, commit)`` — the sink writes each layer a step
-    finished into that step's checkpoint under the work directory, and commit points the
-    weight store at it once complete. For an in-memory model: ``(None, no-op)``."""
-    loaded = ctx.loaded
-    if not loaded.streamed:
-        return None, lambda: None
-    from compactor.quant.storage import ModelWriter
-
-    d = ctx.work_dir / f"step{len(ctx.log):02d}-{step}"
-    writer = ModelWriter(d, weight_dtype=loaded.store.input_dtype)
-    done: list[int] = []
-    ctx.streamed_notes, ctx.streamed_sparsity = [], []
-    pruning = cfg is not None and hasattr(cfg, "target_sparsity")
-
-    def sink(i: int, layer) -> None:
-        prefix = f"{loaded.adapter.layers}.{i}."
-        ctx.streamed_notes += [m.note for m in layer.modules() if getattr(m, "note", None)]
-        if pruning:  # checked here, while the layer is in memory
-            from compactor.prune.stats import check_pruned, sparsity_report
-            from compactor.targeting import match_modules
-
-            local = [n for n in match_modules(layer, cfg.targets, cfg.ignore)]
-            check_pruned(layer, local, cfg)
-            ctx.streamed_sparsity += [dataclasses.replace(r, name=prefix + r.name)
-                                      for r in sparsity_report(layer, local)]
-        writer.add(layer, prefix=prefix)
-        done.append(i)
-
-    def commit() -> None:
-        writer.close(loaded.model.config)
-        for i in done:
-            loaded.store.moved(i, d)
-
-    return sink, commit
 
 
 def _sparsity(ctx: RunContext, names: list[str], cfg) -> dict:

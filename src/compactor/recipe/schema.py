@@ -97,8 +97,11 @@ class Recipe:
     stream: bool = False
     #: memory cap of the run's plan ("8GB", "512MB"; None: the memory available)
     max_memory: str | None = None
+    #: keep calibration activations on disk between layers (one batch in memory)
+    spill_activations: bool = False
 
-    _TOP_KEYS = ("model", "reference", "eval", "calibration", "stream", "max_memory", "stages")
+    _TOP_KEYS = ("model", "reference", "eval", "calibration", "stream", "max_memory",
+                 "spill_activations", "stages")
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> "Recipe":
@@ -141,9 +144,10 @@ class Recipe:
                 except ConfigError as exc:
                     raise ConfigError(f"{here}.steps[{j}]: {exc}") from None
             stages.append(Stage(str(st.get("name", f"stage{i}")), steps))
-        stream = data.get("stream", False)
-        if not isinstance(stream, bool):
-            raise ConfigError(f"{where}: 'stream' must be true or false, got {stream!r}")
+        stream, spill = data.get("stream", False), data.get("spill_activations", False)
+        for key, val in (("stream", stream), ("spill_activations", spill)):
+            if not isinstance(val, bool):
+                raise ConfigError(f"{where}: '{key}' must be true or false, got {val!r}")
         max_memory = data.get("max_memory")
         if max_memory is not None:
             from compactor.memory import parse_bytes
@@ -158,7 +162,8 @@ class Recipe:
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc}") from None
         return cls(model=data["model"], stages=stages, reference=ref, eval=ev, calibration=cal,
-                   stream=stream, max_memory=None if max_memory is None else str(max_memory))
+                   stream=stream, max_memory=None if max_memory is None else str(max_memory),
+                   spill_activations=spill)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -168,6 +173,7 @@ class Recipe:
             "calibration": self.calibration.to_dict(),
             "stream": self.stream,
             "max_memory": self.max_memory,
+            "spill_activations": self.spill_activations,
             "stages": [
                 {"name": st.name, "steps": [{s.name: s.config.to_dict()} for s in st.steps]}
                 for st in self.stages

@@ -1,0 +1,177 @@
+"""The memory plan of a run, printed before any work and enforced against a cap.
+
+Estimated from the model's config (a meta-device skeleton, no weights loaded), the steps'
+statistics and the calibration and evaluation windows:
+
+* the model: every weight in float32 when held in memory, or — streamed — the largest
+  decoder layer (with its calibration shadow and codes) plus the embedding / head while
+  they are materialized;
+* the reference of an in-memory run (a second model; a streamed run streams it too);
+* statistics: the largest Hessian group of a layer with the solver's copies (GPTQ,
+  SparseGPT), or per-column moments and row samples (Wanda, AWQ, SmoothQuant);
+* calibration activations: one copy of every window's hidden states in the forward
+  dtype, plus the replayed consumer inputs; with spilling, one batch;
+* evaluation: one window's logits for both models (the reference's are cached on disk),
+  and for a streamed model the final hidden states of every evaluation window;
+* the process as it stands (interpreter, torch, transformers, tokenizer): measured.
+
+A plan over its cap stops the run before anything is written (exit 2), saying what would
+fit. Estimates are upper-bound-leaning; ``bench/results/scale.md`` compares them with the
+measured peak RSS.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from compactor.errors import CompactorError
+from compactor.memory import available_bytes, fmt_bytes, parse_bytes
+from compactor.models.adapters import Adapter, decoder_layers
+
+_BATCH = 8  # the sequential runner's windows per forward pass
+
+
+@dataclass
+class MemoryPlan:
+    """Named estimates in bytes, their total, and the cap they must fit."""
+
+    items: list[tuple[str, int]]
+    cap: int
+    cap_source: str
+    suggestions: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b in self.items)
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.cap
+
+    def describe(self) -> str:
+        w = max(len(k) for k, _ in self.items)
+        lines = ["memory plan:"] + [f"  {k.ljust(w)}  {fmt_bytes(b):>10}" for k, b in self.items]
+        lines.append(f"  {'estimated peak RSS'.ljust(w)}  {fmt_bytes(self.total):>10}  "
+                     f"(cap {fmt_bytes(self.cap)}, {self.cap_source})")
+        return "\n".join(lines)
+
+    def refusal(self) -> str:
+        what = "; ".join(self.suggestions) or "a machine with more memory"
+        return (f"the memory plan needs an estimated {fmt_bytes(self.total)}, over the cap of "
+                f"{fmt_bytes(self.cap)} ({self.cap_source}); nothing was written. What would fit: {what}")
+
+    def to_dict(self) -> dict:
+        return {"items": dict(self.items), "total": self.total, "cap": self.cap,
+                "cap_source": self.cap_source, "fits": self.fits}
+
+
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str],
+                calib: tuple[int, int] | None, eval_windows: tuple[int, int] | None,
+                reference: bool, spill: bool = False, forward_bytes: int = 2,
+                max_memory: str | int | None = None, base_rss: int | None = None) -> MemoryPlan:
+    """The plan for ``model`` (a skeleton is enough). ``statistics``: what the calibrated
+    steps observe ({"hessian", "inputs"}); ``calib`` / ``eval_windows``: (windows, tokens per
+    window) or None; ``forward_bytes``: 2 for bf16 calibration forwards, 4 for float32."""
+    import psutil
+
+    cfg = model.config
+    layers = decoder_layers(model, adapter)
+    layer_params = max(_numel(layer) for layer in layers)
+    tied = f"{adapter.lm_head}.weight" if getattr(cfg, "tie_word_embeddings", False) else None
+    # A meta skeleton is not tied yet: count a tied head once, by name.
+    total_params = sum({id(p): p.numel() for n, p in model.named_parameters() if n != tied}.values())
+    outer = total_params - sum(_numel(layer) for layer in layers)
+    hidden = cfg.hidden_size
+    inter = getattr(cfg, "intermediate_size", 4 * hidden)
+    vocab = cfg.vocab_size
+    heads = getattr(cfg, adapter.heads_key)
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    attn_width = heads * head_dim
+    items: list[tuple[str, int]] = [("this process now (torch, transformers, tokenizer)",
+                                     base_rss if base_rss is not None else psutil.Process().memory_info().rss)]
+    if streamed:
+        # float32 layer + its reduced-precision shadow + codes and dequantized copies
+        items.append(("largest decoder layer (streamed; float32, shadow, codes)", layer_params * 4 * 2))
+        items.append(("embedding / head while materialized (float32)", outer * 4))
+    else:
+        items.append(("model weights in memory (float32)", total_params * 4))
+        if reference:
+            items.append(("reference model in memory (float32)", total_params * 4))
+    if calib is not None and statistics:
+        n, length = calib
+        tokens = n * length
+        if "hessian" in statistics:
+            # Hessian accumulator, its damped copy and the inverse Cholesky factor
+            items.append(("largest Hessian with the solver's copies", max(hidden, inter, attn_width) ** 2 * 4 * 3))
+        else:
+            items.append(("per-column statistics and row samples", (hidden + inter) * 4 * 1024 * 2))
+        per_token = (hidden + attn_width + inter) * forward_bytes
+        act = tokens * per_token if not spill else _BATCH * length * per_token
+        items.append(("calibration activations" + (" (spilled: one batch)" if spill else ""), act))
+        items.append(("one forward batch's intermediates", _BATCH * length * (inter * 3 + hidden * 4) * 4))
+    if eval_windows is not None:
+        n, length = eval_windows
+        items.append(("evaluation: one window's logits, both models", length * vocab * 4 * 4))
+        if streamed:
+            items.append(("evaluation: final hidden states of every window", n * length * hidden * 4 * 2))
+    if max_memory is not None:
+        cap, source = parse_bytes(max_memory), "--max-memory"
+    else:
+        cap, source = available_bytes() + items[0][1], "memory available now"
+    plan = MemoryPlan(items, cap, source)
+    if not plan.fits:
+        plan.suggestions = _suggest(plan, streamed, spill, calib, eval_windows)
+    return plan
+
+
+def _suggest(plan: MemoryPlan, streamed: bool, spill: bool, calib, eval_windows) -> list[str]:
+    out = []
+    by = dict(plan.items)
+    over = plan.total - plan.cap
+    if not streamed:
+        out.append("--stream (weights read layer by layer from disk)")
+    act = next((b for k, b in plan.items if k.startswith("calibration activations")), 0)
+    if calib is not None and act and not spill:
+        per_window = act / calib[0]
+        keep = int((act - over) // per_window) if act > over else 0
+        if keep >= 1:
+            out.append(f"--samples {keep} (calibration windows; {calib[0]} asked)")
+        out.append("--spill-activations (calibration activations on disk)")
+    ev = by.get("evaluation: final hidden states of every window", 0)
+    if eval_windows is not None and ev:
+        out.append("a smaller evaluation set (--tokens) or --no-eval")
+    return out
+
+
+def plan_for_recipe(recipe, skeleton, adapter: Adapter) -> MemoryPlan:
+    """The plan of a recipe run on ``skeleton`` (its model built on the meta device)."""
+    from compactor.calibration.sequential import bf16_is_fast
+    from compactor.data.windows import split_specs
+    from compactor.registry import lookup_config
+
+    stats: set[str] = set()
+    calibrated = False
+    for stage in recipe.stages:
+        for step in stage.steps:
+            cfg = step.config
+            entry = lookup_config(cfg)
+            if getattr(cfg, "needs_calibration", False) or entry.kind == "plan":
+                calibrated = True
+                stats.add(getattr(cfg, "statistic", "hessian"))
+    c, e = recipe.calibration, recipe.eval
+    n_eval = len(split_specs(e.data)) * max(1, e.tokens // e.window)
+    return plan_memory(skeleton, adapter, streamed=recipe.stream, statistics=stats,
+                       calib=(c.samples, c.window) if calibrated else None,
+                       eval_windows=(n_eval, e.window), reference=recipe.reference is not None,
+                       spill=recipe.spill_activations, forward_bytes=2 if bf16_is_fast() else 4,
+                       max_memory=recipe.max_memory)
+
+
+def check_plan(plan: MemoryPlan) -> None:
+    """Raise (exit 2, nothing written) when ``plan`` is over its cap."""
+    if not plan.fits:
+        raise CompactorError(plan.refusal())
