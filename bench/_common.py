@@ -43,8 +43,20 @@ def write_result(name: str, title: str, body: str) -> Path:
     return path
 
 
+_PROVENANCE: dict | None = None
+
+
 def provenance() -> dict:
-    """Where a result row comes from: commit (with a dirty marker), command, date, machine."""
+    """Where a result row comes from: commit (with a dirty marker), command, date, machine —
+    taken once, when the benchmark first asks (call it at start-up, before any work), so a
+    commit made while a long benchmark runs is not credited with its rows."""
+    global _PROVENANCE
+    if _PROVENANCE is None:
+        _PROVENANCE = _provenance_now()
+    return dict(_PROVENANCE)
+
+
+def _provenance_now() -> dict:
     root = Path(__file__).parent
     try:
         rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,

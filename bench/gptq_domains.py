@@ -85,6 +85,7 @@ def main() -> None:
     records = json.loads(JSON.read_text()) if JSON.exists() and (args.resume or args.table_only) else []
     if args.table_only:
         return _write(records)
+    provenance()  # taken now: the code this process runs
     dtype = calibration_dtype(args.dtype)
     ref = load_model("smollm2-135m")
     win = domain_windows(ref.tokenizer, DOMAINS, 512, max_tokens=args.eval_tokens)

@@ -163,7 +163,7 @@ def cmd_quantize(args) -> int:
             print(f"note: {note}")
     if ctx.results:
         print(table(ctx.results))
-    print(f"\nwrote {ctx.out_dir} (codes in quantization.safetensors, recipe.yaml, metrics.json, provenance.json)")
+    print(f"\nwrote {ctx.out_dir} (codes in quantization-*.safetensors, recipe.yaml, metrics.json, provenance.json)")
     return 0
 
 

@@ -33,6 +33,7 @@ import contextlib
 from compactor.calibration.activations import Activations
 from compactor.calibration.hooks import StopForward, input_hooks, replay_block
 from compactor.data.windows import TokenWindows
+from compactor.distributed import all_reduce_stats, dist_info, shard_batches
 from compactor.errors import CompactorError
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
 from compactor.models.adapters import Adapter, adapter_for, decoder_layers
@@ -126,6 +127,14 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     store = store or ResidentWeights()
     layers = decoder_layers(model, adapter)
     report = CalibrationReport(layers=len(layers), tokens=int(windows.input_ids.numel()))
+    rank, world = dist_info()
+    if world > 1:
+        if getattr(cfg, "smoothing", False):
+            raise CompactorError(f"{type(cfg).name} searches scales on sampled input rows, which "
+                                 "cannot be merged across processes yet: run it without torchrun")
+        # This process's share: every world-th batch (each batch the same forward pass as
+        # in one process); statistics are summed across processes after each observation.
+        windows = windows.select(shard_batches(len(windows), batch, rank, world))
     reset_peak_rss()
     t0 = time.perf_counter()
     with store.parts(model, [adapter.embed], adapter):
@@ -191,6 +200,9 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                         runner(hidden, **kwargs)
                     except StopForward:
                         pass
+            if world > 1:
+                for st in stats.values():
+                    all_reduce_stats(st)
             cache.update(capture)
             if producer is not None:
                 # Scales fold into the producer and all consumers of this input.

@@ -42,6 +42,13 @@ class TokenWindows:
     def n_scored(self) -> int:
         return int(self.score_mask.sum())
 
+    def select(self, idx: list[int]) -> "TokenWindows":
+        """The windows at ``idx``, in that order."""
+        prov = dict(self.provenance, n_windows=len(idx), selected=len(idx) != len(self))
+        out = TokenWindows(self.input_ids[idx], self.score_mask[idx], prov)
+        out.provenance["tokens_scored"] = out.n_scored
+        return out
+
     def head(self, n: int) -> "TokenWindows":
         """The first ``n`` windows."""
         prov = dict(self.provenance, n_windows=min(n, len(self)))

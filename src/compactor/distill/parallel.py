@@ -8,17 +8,10 @@ Both run on CPU with the gloo backend under ``torchrun``. The trainer talks to a
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
 
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises a gloo process group under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo")
-    return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
+from compactor.distributed import dist_info  # noqa: F401  (re-exported for the trainer)
 
 
 class Parallel:

@@ -1,5 +1,6 @@
 """The layer-input Hessian of the squared reconstruction error, H = 2/n * sum x x^T,
-accumulated in float32, with damping and dead-column handling (GPTQ / SparseGPT)."""
+products in float32 summed in float64, with damping and dead-column handling (GPTQ /
+SparseGPT)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,14 @@ class HessianAccumulator:
     batch's ``x^T x`` to bf16 (twice as fast here) leaves SmolLM2's Hessians indefinite,
     because its massive activations make a few entries ~1e6 times the rest and their
     rounding error swamps the small eigenvalues (measured; damping does not recover it).
+
+    The running sum is float64: a sum of batch products then hardly depends on the order of
+    the batches, so processes that each sum their share and add the parts (torchrun) get
+    the Hessian one process gets, to float32 rounding.
     """
 
     def __init__(self, in_features: int):
-        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32)
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float64)
         self.count = 0
         # x^T x is symmetric: accumulate only the block rows' upper parts (blocks (i, j >= i)),
         # 62-75 % of the full product's work; hessian() mirrors the rest.
@@ -27,12 +32,12 @@ class HessianAccumulator:
         x = x.reshape(-1, x.shape[-1]).float()
         b = self._block
         for i in range(0, x.shape[1], b):
-            self.sum[i:i + b, i:].addmm_(x[:, i:i + b].T, x[:, i:])
+            self.sum[i:i + b, i:] += (x[:, i:i + b].T @ x[:, i:]).double()  # float32 product
         self.count += x.shape[0]
 
     def _full_sum(self) -> torch.Tensor:
         """``sum x x^T`` with the lower triangle mirrored from the accumulated upper one."""
-        return torch.triu(self.sum) + torch.triu(self.sum, 1).T
+        return (torch.triu(self.sum) + torch.triu(self.sum, 1).T).float()
 
     def hessian(self) -> torch.Tensor:
         """``H = 2/n * sum x x^T`` ([in, in], float32)."""
@@ -46,7 +51,7 @@ class HessianAccumulator:
 
     def mean_sq(self) -> torch.Tensor:
         """Per-column mean of x^2 ([in]): llama.cpp's importance-matrix statistic."""
-        return torch.diagonal(self.sum) / max(self.count, 1)
+        return (torch.diagonal(self.sum) / max(self.count, 1)).float()
 
 
 def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:

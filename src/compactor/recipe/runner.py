@@ -168,7 +168,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
             _run_stages(ctx, progress)
         return ctx
     work = Path(out).parent / f"{Path(out).name}.work"
-    rank = int(os.environ.get("RANK", "0"))
+    from compactor.distributed import dist_info
+
+    rank = dist_info()[0]
     if rank == 0 and work.exists() and overwrite and not resume:
         shutil.rmtree(work)
     ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=work, resume=resume, plan=plan)
@@ -187,6 +189,9 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
 
 
 def _run_stages(ctx: RunContext, progress: bool) -> None:
+    from compactor.distributed import dist_info
+
+    lead = dist_info()[0] == 0  # under torchrun only rank 0 evaluates, exports and writes
     for stage in ctx.recipe.stages:
         ctx.stage = stage.name
         stage_modified = False
@@ -195,14 +200,14 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
             t0 = time.perf_counter()
             if entry.kind in ("module", "pair", "plan"):
                 apply_module_step(ctx, step.config, progress)
-            else:
+            elif entry.kind != "eval" or lead:
                 entry.handler(ctx, step.config)
             stage_modified |= entry.kind in ("module", "pair", "plan", "model")
             ctx.modified |= stage_modified
             ctx.log.append({"stage": stage.name, "step": step.name,
                             "seconds": round(time.perf_counter() - t0, 3)})
         # A stage that changed the model is scored against the original.
-        if ctx.recipe.eval.after_each_stage and stage_modified:
+        if ctx.recipe.eval.after_each_stage and stage_modified and lead:
             ref = ctx.reference_scorer() if ctx.modified else None
             res = evaluate(ctx.loaded, ctx.eval_windows(), reference=ref,
                            speed=ctx.recipe.eval.speed, name=f"{stage.name}",
@@ -299,8 +304,8 @@ def _sparsity(ctx: RunContext, names: list[str], cfg) -> dict:
         return {}
     from compactor.prune.stats import check_pruned, summarize_pruned
 
-    if ctx.loaded.streamed:
-        return {"sparsity": summarize_pruned(ctx.streamed_sparsity, cfg)}
+    if ctx.loaded.streamed:  # rows come from the writing process (rank 0 under torchrun)
+        return {"sparsity": summarize_pruned(ctx.streamed_sparsity, cfg)} if ctx.streamed_sparsity else {}
     return {"sparsity": check_pruned(ctx.loaded.model, names, cfg)}
 
 

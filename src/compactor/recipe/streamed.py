@@ -35,9 +35,22 @@ class StepOutput:
         loaded = ctx.loaded
         if not loaded.streamed:
             return cls()
+        from compactor.distributed import barrier, dist_info
+        from compactor.models.adapters import decoder_layers
         from compactor.quant.storage import ModelWriter
 
         d = ctx.work_dir / f"step{len(ctx.log):02d}-{step}"
+        if dist_info()[0] != 0:
+            # Under torchrun rank 0 writes the step's layers; the others compute the same
+            # layers alongside and read rank 0's checkpoint once it is complete.
+            n = len(decoder_layers(loaded.model, loaded.adapter))
+
+            def follow() -> None:
+                barrier()
+                for i in range(n):
+                    loaded.store.moved(i, d)
+
+            return cls(commit=follow, directory=d)
         writer = ModelWriter(d, weight_dtype=loaded.store.input_dtype)
         out = cls(directory=d)
         ctx.streamed_notes, ctx.streamed_sparsity = [], []
@@ -77,6 +90,7 @@ class StepOutput:
             writer.close(loaded.model.config)
             for i in out.done:
                 loaded.store.moved(i, d)
+            barrier()  # the other processes may read the checkpoint now
 
         out.sink, out.commit = sink, commit
         return out

@@ -1,0 +1,57 @@
+"""Calibration on several processes (torchrun, gloo) equals one process, byte for byte."""
+
+import filecmp
+import os
+import subprocess
+import sys
+
+import pytest
+
+from compactor.distributed import shard_batches
+from compactor.models.tiny import tiny_model, tiny_tokenizer
+
+
+def test_shards_are_whole_batches_and_cover_everything():
+    a, b = shard_batches(21, 4, 0, 2), shard_batches(21, 4, 1, 2)
+    assert a == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19] and b == [4, 5, 6, 7, 12, 13, 14, 15, 20]
+    assert sorted(a + b) == list(range(21))
+    assert shard_batches(5, 8, 1, 2) == []  # a process may have nothing to observe
+
+
+@pytest.mark.parametrize("method,stream", [("gptq", False), ("gptq", True), ("sparsegpt", False),
+                                           ("wanda", True)])
+def test_two_processes_equal_one(tmp_path, method, stream):
+    src = tmp_path / "src"
+    tiny_model("llama", num_hidden_layers=3).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    text = tmp_path / "t.txt"
+    text.write_text("\n".join(f"Line {i}: it is a truth universally acknowledged that {i * 7 % 13} "
+                              f"men want {i % 5} wives." for i in range(300)))
+    cmd = "quantize" if method == "gptq" else "prune"
+    args = [cmd, str(src), "--method", method, "--calib-data", str(text), "--samples", "32",
+            "--calib-window", "64", "--data", str(text), "--tokens", "128", "--window", "64",
+            "--no-speed"] + (["--grid", "q4_0"] if method == "gptq" else []) + (["--stream"] if stream else [])
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "compactor.cli", *args, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "-m", "compactor.cli", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix == ".safetensors")
+    assert files and files == sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".safetensors")
+    for f in files:
+        assert filecmp.cmp(tmp_path / "one" / f, tmp_path / "two" / f, shallow=False), f
+
+
+def test_awq_under_torchrun_is_refused_by_name(tmp_path, monkeypatch):
+    import compactor.calibration.sequential as seq
+    from compactor.data.windows import make_windows
+    from compactor.errors import CompactorError
+    from compactor.quant.awq import AWQConfig, apply_awq
+
+    monkeypatch.setattr(seq, "dist_info", lambda: (0, 2))
+    win = make_windows(list(range(256)) * 2, length=64)
+    with pytest.raises(CompactorError, match="awq searches scales on sampled input rows"):
+        seq.run_sequential(tiny_model("llama"), win, apply_awq, AWQConfig(grid="q4_0"), progress=False)
