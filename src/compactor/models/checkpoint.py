@@ -22,9 +22,9 @@ from compactor.errors import CompactorError
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-#: Default shard size of written checkpoints (transformers' default is 5 GB; smaller shards
-#: keep a streamed writer's buffer small).
-SHARD_BYTES = 2 * 1024**3
+#: Default shard size of written checkpoints (transformers' default is 5 GB): a writer holds
+#: up to one shard of pending tensors, so smaller shards keep its memory small.
+SHARD_BYTES = 512 * 1024**2
 
 
 def _header(path: Path) -> dict:

@@ -76,34 +76,23 @@ def read_gguf_header(path: Path) -> dict[str, Any]:
     }
 
 
-def _gguf_to_checkpoint(path: Path, digest: str | None = None) -> Path:
-    """Convert a GGUF file to a cached float transformers directory (once per sha256).
+def _gguf_to_checkpoint(path: Path, digest: str | None = None, adapter: Adapter | None = None) -> Path:
+    """Convert a GGUF file to a cached float32 transformers directory (once per sha256),
+    tensor by tensor (:mod:`compactor.models.gguf_convert`).
 
     ``digest``: the file's sha256 when already known (the bundled model was verified on
     download), so a load does not re-hash ~100 MB."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from compactor.models.gguf_convert import convert_gguf
 
     digest = digest or sha256_file(path)
     dest = home() / "converted" / digest[:20]
     if (dest / "config.json").exists():
         return dest
+    if adapter is None:
+        adapter = adapter_for_gguf_arch(read_gguf_header(path)["architecture"], str(path))
     logging.getLogger(__name__).info("converting %s to a float checkpoint (once)", path)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32, **LOCAL
-        )
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, **LOCAL)
-    except (ValueError, KeyError, RuntimeError) as exc:
-        raise CompactorError(f"transformers could not load GGUF {path}: {exc}") from None
-    # transformers refuses save_pretrained on a GGUF-loaded model while its quantizer marker
-    # is set; the weights are already dequantized floats, so clear it.
-    model.hf_quantizer = None
-    model.is_quantized = False
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
     with atomic_dir(dest, overwrite=True) as tmp:
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
+        convert_gguf(path, tmp, adapter)
         (tmp / "SOURCE").write_text(f"{path.resolve()}\nsha256 {digest}\n")
     return dest
 
@@ -128,7 +117,7 @@ def resolve_source(source: str | os.PathLike) -> tuple[Path, Path | None, Adapte
         return path, None, None
     header = read_gguf_header(path)
     adapter = adapter_for_gguf_arch(header["architecture"], str(path))
-    return _gguf_to_checkpoint(path), path, adapter
+    return _gguf_to_checkpoint(path, adapter=adapter), path, adapter
 
 
 def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32,

@@ -196,10 +196,16 @@ class StreamedWeights:
 def load_skeleton(directory: str | Path):
     """A transformers model of ``directory``'s config with every parameter on the meta
     device (buffers computed at construction, such as RoPE frequencies, stay real)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    return skeleton_from_config(AutoConfig.from_pretrained(str(directory), local_files_only=True))
+
+
+def skeleton_from_config(config):
+    """The meta-device model of a transformers config (see :func:`load_skeleton`)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return model.eval()
