@@ -3,28 +3,42 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+# The exact versions CI tested (`pip freeze` of a fresh install); `make lock` refreshes it.
+LOCK   := requirements.lock
+EXTRAS := dev,llamacpp,ct,onnx,bench,lora
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU wheel of torch; a bare `torch` requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch is the CPU wheel (torch==2.13.0+cpu); a bare `torch` would pull a multi-GB CUDA build.
 	# llama-cpp-python compiles llama.cpp (~7 min on 2 cores the first time; pip caches the wheel).
-	$(PY) -m pip install -q -e '.[dev,llamacpp,ct,onnx,bench,lora]'
+	$(PY) -m pip install -q -r $(LOCK)
+	$(PY) -m pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# Resolve pyproject.toml's dependencies afresh in a scratch venv and pin what was installed.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q torch==2.13.0
+	.venv-lock/bin/python -m pip install -q -e '.[$(EXTRAS)]'
+	.venv-lock/bin/python -m pip freeze --exclude-editable > $(LOCK)
+	rm -rf .venv-lock
 
 setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/compactor run recipes/demo.yaml --out runs/demo --force
 
+# A missing extra fails the run (COMPACTOR_REQUIRE_EXTRAS); the header lists the versions.
 test: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+	HF_HUB_OFFLINE=1 COMPACTOR_REQUIRE_EXTRAS=1 $(PY) -m pytest -q
 
 test-fast: setup
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -m "not slow"
+	HF_HUB_OFFLINE=1 COMPACTOR_REQUIRE_EXTRAS=1 $(PY) -m pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -157,3 +157,28 @@ def test_prune_bad_input_writes_nothing(tmp_path, tiny_dir, text_file, capsys, a
                "--calib-window", "64", "--data", str(text_file), "--tokens", "128", "--window", "64",
                "--no-speed", "--out", str(out)])
     assert rc == 2 and match in capsys.readouterr().err and not out.exists()
+
+
+@pytest.mark.parametrize("fmt,grid", [("gguf", ["--grid", "q4_0"]),
+                                      ("compressed-tensors", ["--grid", "int", "--group-size", "32"]),
+                                      ("onnx", ["--grid", "q4_0"])])
+def test_export_every_format_through_the_cli(tmp_path, tiny_dir, text_file, capsys, fmt, grid):
+    """quantize -> export -> the printed summary, as a user runs it (the summary of the
+    compressed-tensors and ONNX exports used to die on a missing 'bpw')."""
+    pytest.importorskip({"gguf": "llama_cpp", "compressed-tensors": "compressed_tensors",
+                         "onnx": "onnxruntime"}[fmt])
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--method", "rtn", *grid, "--data", str(text_file),
+                 "--tokens", "128", "--window", "64", "--no-speed", "--out", str(q)]) == 0
+    out = tmp_path / ("m.gguf" if fmt == "gguf" else "m")
+    capsys.readouterr()
+    assert main(["export", str(q), "--format", fmt, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "verification passed" in printed and f"wrote {out}" in printed and "bits per weight" in printed
+    assert out.exists()
+    if fmt == "compressed-tensors":  # floats outside the quantized linears in bf16 by default
+        from safetensors import safe_open
+
+        with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
+            assert f.get_tensor("model.embed_tokens.weight").dtype.is_floating_point
+            assert str(f.get_tensor("model.embed_tokens.weight").dtype) == "torch.bfloat16"

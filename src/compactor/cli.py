@@ -178,6 +178,8 @@ def cmd_export(args) -> int:
         opts["types"] = GGUFTypes(args.type, args.embed_type, args.head_type)
     elif args.format == "onnx":
         opts["int8"] = args.int8
+    else:
+        opts["float_type"] = args.float_type
     res = export_model(loaded, args.format, args.out, overwrite=args.force,
                        verify=not args.no_verify, **opts)
     s = res.summary
@@ -300,6 +302,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(quantized ones keep their codes): f32 f16 bf16 q8_0 ... q2_k (default f16)")
     x.add_argument("--embed-type", default="q8_0", help="GGUF type of the token embedding (default q8_0)")
     x.add_argument("--head-type", default=None, help="GGUF type of an untied output head (default: embed type)")
+    x.add_argument("--float-type", default="bf16", choices=["bf16", "f16", "f32"],
+                   help="compressed-tensors: dtype of the tensors outside the quantized linears "
+                        "(embedding, norms; default bf16)")
     x.add_argument("--int8", action="store_true",
                    help="onnx: also apply onnxruntime's dynamic int8 quantization (verified file: model.int8.onnx)")
     x.add_argument("--no-verify", action="store_true",

@@ -164,9 +164,12 @@ def plan_for_recipe(recipe, skeleton, adapter: Adapter) -> MemoryPlan:
                 stats.add(getattr(cfg, "statistic", "hessian"))
     c, e = recipe.calibration, recipe.eval
     n_eval = len(split_specs(e.data)) * max(1, e.tokens // e.window)
+    evaluates = e.after_each_stage or any(s.name in ("evaluate", "export", "llamacpp_quantize")
+                                          for st in recipe.stages for s in st.steps)
     return plan_memory(skeleton, adapter, streamed=recipe.stream, statistics=stats,
                        calib=(c.samples, c.window) if calibrated else None,
-                       eval_windows=(n_eval, e.window), reference=recipe.reference is not None,
+                       eval_windows=(n_eval, e.window) if evaluates else None,
+                       reference=recipe.reference is not None and evaluates,
                        spill=recipe.spill_activations, forward_bytes=2 if bf16_is_fast() else 4,
                        max_memory=recipe.max_memory)
 

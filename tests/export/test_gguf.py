@@ -17,7 +17,10 @@ from compactor.models.load import LoadedModel
 from compactor.models.tiny import tiny_model
 from compactor.quant.rtn import RTNConfig
 
-pytest.importorskip("llama_cpp")
+#: Only the tests that run the file in llama.cpp need llama-cpp-python; the others (packing,
+#: metadata, refusals) run without it.
+needs_llamacpp = pytest.mark.skipif(__import__("importlib").util.find_spec("llama_cpp") is None,
+                                    reason="llama-cpp-python is not installed")
 
 
 @pytest.fixture
@@ -38,6 +41,7 @@ def test_qk_permutation_is_llamacpp_converters():
     assert torch.equal(w[qk_row_permutation(48, n_head)], naive)
 
 
+@needs_llamacpp
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma"])
 def test_f32_file_matches_memory_in_llamacpp(tmp_path, tok, windows, family):
     """An unquantized export runs in llama.cpp with the same logits (families: one adapter
@@ -48,6 +52,7 @@ def test_f32_file_matches_memory_in_llamacpp(tmp_path, tok, windows, family):
     assert v.passed and v.kld_mean < 1e-4 and v.top1 > 0.98, v.describe()
 
 
+@needs_llamacpp
 @pytest.mark.parametrize("grid", ["q4_0", "q5_1", "iq4_nl", "q4_k", "q6_k", "q3_k", "q2_k"])
 def test_codes_written_exactly_and_run(tmp_path, tok, windows, grid):
     m = tiny_model("llama", intermediate_size=256)  # down_proj rows of 256 take a K-quant
@@ -83,6 +88,7 @@ def test_non_ggml_grid_is_refused_and_nothing_written(tmp_path, tok):
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_llamacpp
 def test_failed_verification_leaves_no_file(tmp_path, tok, windows):
     """A wrong q/k row order (as if the adapter forgot llama.cpp's permutation) is caught."""
     m = tiny_model("llama")
@@ -94,6 +100,7 @@ def test_failed_verification_leaves_no_file(tmp_path, tok, windows):
     assert list(tmp_path.iterdir()) == []
 
 
+@needs_llamacpp
 def test_export_model_with_verification(tmp_path, tok, windows):
     m = tiny_model("llama")
     quantize_(m, RTNConfig(grid="q4_0"))

@@ -116,11 +116,14 @@ class Distiller:
         t_hidden = self.teacher_model.config.hidden_size if self.teacher_model is not None else student.model.config.hidden_size
         n_teacher = self.teacher_model.config.num_hidden_layers if self.teacher_model is not None else len(student.layer_map)
         student.model.requires_grad_(True)  # a copy of a frozen teacher starts frozen
-        torch.manual_seed(cfg.seed)  # projections' and adapters' init
-        if cfg.lora_rank:
-            student.model = _with_lora(student.model, cfg.lora_rank)
+        # Projections' and adapters' init from the run's seed, without touching the
+        # process's global RNG (its state is restored when the block ends).
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            if cfg.lora_rank:
+                student.model = _with_lora(student.model, cfg.lora_rank)
+            self.net = StudentWithHeads(student.model, t_hidden, student.layer_map, cfg.needs_hidden).train()
         self.student = student
-        self.net = StudentWithHeads(student.model, t_hidden, student.layer_map, cfg.needs_hidden).train()
         self.t_index = teacher_hidden_index(student.layer_map, n_teacher)
         self.fingerprint = self._fingerprint(identity or {})
         from compactor.models.adapters import adapter_for, decoder_layers

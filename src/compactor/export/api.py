@@ -90,6 +90,9 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, *, overwrite: b
             f"{len(acts)} modules (first: {acts[0]}) quantize their activations (W8A8), which "
             f"compactor cannot write as {fmt}; export compressed-tensors (vLLM's W8A8 format), "
             "or quantize without the activations step to export the weights")
+    if loaded.streamed and fmt != "gguf":
+        raise CompactorError(f"a {fmt} export needs the model in memory; it is streamed (export "
+                             "GGUF from a streamed model, or load it without --stream)")
     prov = {**source_provenance(loaded), **(provenance or {})}
     if fmt == "gguf":
         res = _export_gguf(loaded, out, verify, windows, prov, progress, **options)
@@ -110,15 +113,24 @@ def _with_bits_per_weight(res: ExportResult, model) -> ExportResult:
     return res
 
 
-def _export_ct(loaded, out, verify, windows, prov, overwrite) -> ExportResult:
+#: compressed-tensors: the dtype of tensors outside the quantized linears, by name.
+CT_FLOAT = {"bf16": "bfloat16", "f16": "float16", "f32": "float32"}
+
+
+def _export_ct(loaded, out, verify, windows, prov, overwrite, float_type: str = "bf16") -> ExportResult:
+    import torch
+
     from compactor.export.compressed import export_compressed_tensors, verify_compressed
 
+    if float_type not in CT_FLOAT:
+        raise CompactorError(f"compressed-tensors float type {float_type!r}: expected one of {', '.join(CT_FLOAT)}")
+    dtype = getattr(torch, CT_FLOAT[float_type])
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        summary = export_compressed_tensors(loaded.model, loaded.tokenizer, tmp)
+        summary = export_compressed_tensors(loaded.model, loaded.tokenizer, tmp, float_dtype=dtype)
         (tmp / "compactor_provenance.json").write_text(json.dumps(prov, indent=2, default=str))
         ver = None
         if verify:
-            ver = verify_compressed(loaded.model, tmp, windows)
+            ver = verify_compressed(loaded.model, tmp, windows, float_dtype=dtype)
             if not ver["passed"]:
                 raise VerificationFailed(f"{out}: transformers reload differs from memory (KLD "
                                          f"{ver['kld_mean']:.2e}, top-1 {ver['top1']:.3f}); nothing written")

@@ -50,14 +50,15 @@ def tiny_config(family: str = "llama", **overrides):
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides):
     """A tiny random causal LM (float32, eval mode) built from :func:`tiny_config`."""
-    torch.manual_seed(seed)
     cfg = tiny_config(family, **overrides)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    # Random init with std 0.02 gives near-uniform logits; widen so tests see real contrasts.
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() == 2:
-                p.normal_(0.0, 0.2)
+    with torch.random.fork_rng(devices=[]):  # seeded, and the global RNG is left as it was
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        # Random init with std 0.02 gives near-uniform logits; widen so tests see real contrasts.
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 2:
+                    p.normal_(0.0, 0.2)
     return model.eval()
 
 

@@ -163,8 +163,10 @@ def _lottery_step(ctx, cfg: LotteryConfig) -> None:
     ids = win.input_ids[torch.randperm(len(win), generator=torch.Generator().manual_seed(cfg.seed))]
 
     def fresh():
-        torch.manual_seed(cfg.seed + 1)
-        return AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
+        # A seeded random init that leaves the process's global RNG as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed + 1)
+            return AutoModelForCausalLM.from_config(model.config, dtype=next(model.parameters()).dtype)
 
     res = lottery_ticket(model, ids[n_eval:], ids[:n_eval], cfg, make_fresh=fresh)
     ctx.reports.append({"step": cfg.name, "dense_loss": res.dense_loss,

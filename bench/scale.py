@@ -1,0 +1,242 @@
+"""Models bigger than memory: streamed vs in-memory on SmolLM2, and a synthetic >7B Llama.
+
+    python bench/scale.py [--parts smol synthetic torchrun] [--resume] [--table-only]
+
+Every measurement is a fresh ``compactor`` process run under ``/usr/bin/time -v``, so its
+peak RSS is the kernel's count for the whole process tree (torchrun workers included):
+
+* ``smol``: SmolLM2-135M GPTQ Q4_0 on 128 x 512 calibration tokens (calib:mix), in memory
+  and streamed, interleaved run by run (``--repeats``), outputs compared byte for byte.
+* ``synthetic``: a Llama-3-8B-shaped checkpoint (hidden 4096, MLP 14336, 32 heads / 8 KV
+  heads, SmolLM2's 49,152-token vocabulary, untied head; 7.4 B parameters, 29.5 GB in float32)
+  with random weights written as bf16 safetensors shards — and an 8-layer cut of it for the
+  depth check. RTN Q4_0 -> GGUF (verified in llama.cpp) streamed under ``--max-memory``, and
+  GPTQ Q4_0 on a few calibration windows. Quality on random weights means nothing: these rows
+  measure memory, time and disk.
+* ``torchrun``: SmolLM2 GPTQ on 1 and 2 processes, outputs compared.
+
+Records go to ``bench/results/scale.json`` after every run (``--resume`` skips those
+already there); ``bench/results/scale.md`` renders from that file only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import RESULTS, prov_ref, provenance, provenance_lines, write_result
+
+JSON = RESULTS / "scale.json"
+WORK = Path(os.environ.get("COMPACTOR_SCALE_DIR", Path.home() / ".cache" / "compactor" / "scale"))
+SYNTH = {"hidden_size": 4096, "intermediate_size": 14336, "num_attention_heads": 32,
+         "num_key_value_heads": 8, "vocab_size": 49152, "tie_word_embeddings": False}
+
+
+def compactor(*args: str) -> list[str]:
+    return [sys.executable, "-m", "compactor.cli", *args]
+
+
+def timed(cmd: list[str], env: dict | None = None) -> dict:
+    """Run ``cmd`` under /usr/bin/time -v: wall seconds, peak RSS (KiB -> bytes), exit code."""
+    load = os.getloadavg()[0]  # > ~0.5 before a run: another job shared the cores
+    t0 = time.perf_counter()
+    proc = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})})
+    wall = time.perf_counter() - t0
+    m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
+    if proc.returncode != 0:
+        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    plan = re.search(r"estimated peak RSS\s+([\d.]+ [GM]B)", proc.stderr)
+    return {"seconds": round(wall, 1), "peak_rss_bytes": int(m.group(1)) * 1024 if m else None,
+            "planned_peak": plan.group(1) if plan else None, "command": " ".join(cmd[2:]),
+            "load_before": round(load, 2)}
+
+
+def same_outputs(a: Path, b: Path) -> dict:
+    names = sorted(p.name for p in a.iterdir() if p.suffix == ".safetensors" or p.suffix == ".gguf"
+                   or p.name in ("quantization.json", "model.safetensors.index.json"))
+    diff = [n for n in names if not (b / n).exists() or not filecmp.cmp(a / n, b / n, shallow=False)]
+    return {"files_compared": len(names), "files_differing": diff}
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def make_synthetic(dest: Path, layers: int) -> None:
+    """Random Llama weights (normal, std 0.02; norms 1) in bf16 shards, SmolLM2's tokenizer."""
+    import torch
+    from transformers import LlamaConfig
+
+    from compactor.models.load import load_model
+    from compactor.models.stream import skeleton_from_config
+    from compactor.quant.storage import ModelWriter
+
+    if (dest / "config.json").exists():
+        return
+    tok = load_model("smollm2-135m", stream=True).tokenizer
+    cfg = LlamaConfig(**SYNTH, num_hidden_layers=layers, max_position_embeddings=4096,
+                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, rope_theta=500000.0)
+    cfg.architectures = ["LlamaForCausalLM"]
+    skel = skeleton_from_config(cfg)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    writer = ModelWriter(tmp)
+    g = torch.Generator().manual_seed(0)
+    for name, p in skel.named_parameters():
+        t = torch.ones(p.shape) if p.dim() == 1 else torch.randn(p.shape, generator=g) * 0.02
+        writer.weights.add(name, t.to(torch.bfloat16))
+    writer.close(cfg, tok)
+    tmp.rename(dest)
+
+
+def record(records: list[dict], key: str, **fields) -> None:
+    records[:] = [r for r in records if r["key"] != key] + [{"key": key, **fields, "prov": provenance()}]
+    JSON.write_text(json.dumps(records, indent=1))
+    _write(records)
+
+
+def part_smol(records, args) -> None:
+    common = ["--method", "gptq", "--grid", "q4_0", "--samples", "128", "--no-eval", "--force"]
+    for rep in range(args.repeats):
+        for mode in ("memory", "streamed"):
+            key = f"smol {mode} {rep}"
+            if args.resume and any(r["key"] == key for r in records):
+                continue
+            out = WORK / f"smol-{mode}"
+            r = timed(compactor("quantize", "smollm2-135m", *common, "--out", str(out),
+                                *(["--stream"] if mode == "streamed" else [])))
+            record(records, key, part="smol", mode=mode, repeat=rep, **r)
+    record(records, "smol identity", part="smol", mode="identity",
+           **same_outputs(WORK / "smol-memory", WORK / "smol-streamed"))
+
+
+def part_synthetic(records, args) -> None:
+    for layers in (8, 32):
+        src = WORK / f"synthetic-llama-{layers}l"
+        if not (src / "config.json").exists():
+            t0 = time.perf_counter()
+            make_synthetic(src, layers)
+            record(records, f"synthetic make {layers}", part="synthetic", step="make", layers=layers,
+                   seconds=round(time.perf_counter() - t0, 1), disk_bytes=du(src))
+        key = f"synthetic rtn {layers}"
+        if not (args.resume and any(r["key"] == key for r in records)):
+            out = WORK / f"synthetic-{layers}l-rtn"
+            r = timed(compactor("quantize", str(src), "--method", "rtn", "--grid", "q4_0", "--stream",
+                                "--no-eval", "--max-memory", args.max_memory, "--force", "--out", str(out)))
+            record(records, key, part="synthetic", step="rtn", layers=layers, disk_bytes=du(out), **r)
+        key = f"synthetic gguf {layers}"
+        if layers == 32 and not (args.resume and any(r["key"] == key for r in records)):
+            gg = WORK / f"synthetic-{layers}l-q4_0.gguf"
+            r = timed(compactor("export", str(WORK / f"synthetic-{layers}l-rtn"), "--format", "gguf",
+                                "--stream", "--force", "--out", str(gg)))
+            record(records, key, part="synthetic", step="gguf", layers=layers,
+                   disk_bytes=gg.stat().st_size, **r)
+        key = f"synthetic gptq {layers}"
+        if layers in args.gptq_depths and not (args.resume and any(r["key"] == key for r in records)):
+            out = WORK / f"synthetic-{layers}l-gptq"
+            r = timed(compactor("quantize", str(src), "--method", "gptq", "--grid", "q4_0", "--stream",
+                                "--samples", str(args.gptq_windows), "--no-eval", "--max-memory",
+                                args.max_memory, "--force", "--out", str(out)))
+            record(records, key, part="synthetic", step="gptq", layers=layers,
+                   windows=args.gptq_windows, disk_bytes=du(out), **r)
+
+
+def part_torchrun(records, args) -> None:
+    common = ["--method", "gptq", "--grid", "q4_0", "--samples", "128", "--no-eval", "--force"]
+    for n in (1, 2):
+        key = f"torchrun {n}"
+        if args.resume and any(r["key"] == key for r in records):
+            continue
+        out = WORK / f"torchrun-{n}"
+        cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m",
+                "compactor.cli"] if n > 1 else compactor())
+        r = timed([*cmd, "quantize", "smollm2-135m", *common, "--out", str(out)],
+                  env={"OMP_NUM_THREADS": str(max(1, 2 // n))})
+        record(records, key, part="torchrun", processes=n, **r)
+    record(records, "torchrun identity", part="torchrun", processes=0,
+           **same_outputs(WORK / "torchrun-1", WORK / "torchrun-2"))
+
+
+def _gb(b) -> str:
+    return "" if b is None else f"{b / 1e9:.2f}"
+
+
+def _write(records: list[dict]) -> None:
+    import statistics
+
+    by = {r["key"]: r for r in records}
+    out = []
+    smol = {m: [r for r in records if r.get("part") == "smol" and r.get("mode") == m]
+            for m in ("memory", "streamed")}
+    if smol["memory"] and smol["streamed"]:
+        med = {m: (statistics.median(r["seconds"] for r in v), statistics.median(r["peak_rss_bytes"] for r in v))
+               for m, v in smol.items()}
+        ident = by.get("smol identity", {})
+        out.append("## SmolLM2-135M, GPTQ Q4_0, 128 x 512 calibration tokens (calib:mix)\n\n"
+                   "| run | repeats | wall s (median) | peak RSS GB (median) | planned peak | runs |\n|---|---|---|---|---|---|\n"
+                   + "\n".join(f"| {m} | {len(v)} | {med[m][0]:.0f} ({', '.join(str(r['seconds']) for r in v)}) | "
+                               f"{_gb(med[m][1])} | {v[0]['planned_peak']} | {' '.join(sorted({prov_ref(records, r) for r in v}))} |"
+                               for m, v in smol.items())
+                   + f"\n\nstreamed / in memory: wall {med['streamed'][0] / med['memory'][0]:.2f}x, peak RSS "
+                   f"{med['streamed'][1] / med['memory'][1]:.2f}x. Outputs: {ident.get('files_compared', '?')} files "
+                   f"compared, differing: {ident.get('files_differing', '?') or 'none'}.\n")
+    syn = [r for r in records if r.get("part") == "synthetic"]
+    if syn:
+        rows = []
+        for r in syn:
+            per_layer = r["seconds"] / r["layers"] if r.get("step") != "make" else None
+            rows.append(f"| {r['step']} | {r['layers']} | {r.get('windows', '')} | {r['seconds']:.0f} | "
+                        f"{'' if per_layer is None else f'{per_layer:.1f}'} | {_gb(r.get('peak_rss_bytes'))} | "
+                        f"{r.get('planned_peak') or ''} | {_gb(r.get('disk_bytes'))} | {r.get('load_before', '')} | "
+                        f"{prov_ref(records, r)} |")
+        out.append("## Synthetic Llama-3-8B shape (random bf16 weights), streamed\n\n"
+                   f"Shape: {json.dumps(SYNTH)}; 32 layers = 7.38 B parameters (29.5 GB in float32, "
+                   "14.8 GB in bf16); the 8-layer cut checks that peak RSS is flat in depth.\n\n"
+                   "| step | layers | calib windows | wall s | s / layer | peak RSS GB | planned peak | disk GB | load before | run |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+    tr = [r for r in records if r.get("part") == "torchrun" and r.get("processes")]
+    if tr:
+        ident = by.get("torchrun identity", {})
+        out.append("## torchrun, SmolLM2 GPTQ Q4_0 (128 x 512), gloo on this 2-core machine\n\n"
+                   "| processes | threads each | wall s | peak RSS GB (process tree) | run |\n|---|---|---|---|---|\n"
+                   + "\n".join(f"| {r['processes']} | {max(1, 2 // r['processes'])} | {r['seconds']:.0f} | "
+                               f"{_gb(r['peak_rss_bytes'])} | {prov_ref(records, r)} |" for r in tr)
+                   + f"\n\nOutputs: {ident.get('files_compared', '?')} files compared, differing: "
+                   f"{ident.get('files_differing', '?') or 'none'}.\n")
+    write_result("scale", "Scale: streaming, a synthetic >7B model, torchrun",
+                 "Peak RSS: `/usr/bin/time -v`'s maximum resident set size of the whole command "
+                 "(process tree). 'load before': the 1-minute load average when the run started "
+                 "(above ~0.5, another job shared the 2 cores and wall times are inflated).\n\n"
+                 + "\n".join(out) + "\nRuns:\n" + provenance_lines(records))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", nargs="*", default=["smol", "synthetic", "torchrun"])
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--max-memory", default="8GB")
+    ap.add_argument("--gptq-windows", type=int, default=4)
+    ap.add_argument("--gptq-depths", type=int, nargs="*", default=[8, 32])
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    records = json.loads(JSON.read_text()) if JSON.exists() and (args.resume or args.table_only) else []
+    if args.table_only:
+        return _write(records)
+    provenance()
+    WORK.mkdir(parents=True, exist_ok=True)
+    for part in args.parts:
+        {"smol": part_smol, "synthetic": part_synthetic, "torchrun": part_torchrun}[part](records, args)
+
+
+if __name__ == "__main__":
+    main()
