@@ -38,3 +38,17 @@ def test_dead_columns_and_inverse_factor():
     assert torch.allclose(U.T @ U, torch.linalg.inv(Hd), atol=1e-6)
     with pytest.raises(ValueError, match="no calibration inputs"):
         HessianAccumulator(3).hessian()
+
+
+@pytest.mark.parametrize("n", [7, 64, 300])
+def test_inverse_cholesky_upper_equals_naive(n):
+    from compactor.primitives.hessian import inverse_cholesky_upper
+
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3 * n, n, generator=g, dtype=torch.float64)
+    H = x.T @ x / (3 * n) + 0.01 * torch.eye(n, dtype=torch.float64)
+    U = inverse_cholesky_upper(H.float())
+    naive = torch.linalg.cholesky(torch.linalg.inv(H), upper=True)  # float64, the definition
+    assert torch.equal(U, torch.triu(U))
+    assert (U.double() - naive).abs().max() / naive.abs().max() < 1e-4
+    assert torch.allclose((U.double().T @ U.double()), torch.linalg.inv(H), rtol=1e-3, atol=1e-4)

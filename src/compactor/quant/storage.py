@@ -97,10 +97,12 @@ class ModelWriter:
         self.acts: dict[str, dict] = {}
         self.weight_dtype = weight_dtype or (lambda name: None)
 
-    def add(self, module, prefix: str = "", skip: tuple[str, ...] = ()) -> None:
+    def add(self, module, prefix: str = "", skip: tuple[str, ...] = (), cast=None) -> None:
         """Every tensor of ``module`` (named ``prefix`` + its own names), except names that
         start with one of ``skip``; a tensor shared with one already written (a tied head)
-        is written once."""
+        is written once. ``cast(name)``: the dtype to write an unquantized tensor in (None:
+        as it is in memory) — a streamed model's untouched embedding and head keep their
+        checkpoint dtype instead of the float32 they were materialized in."""
         qmods = {n: m for n, m in quantized_modules(module).items() if not (prefix + n).startswith(skip)}
         for n, m in qmods.items():
             full = prefix + n
@@ -126,6 +128,8 @@ class ModelWriter:
                     t = t.to(dt) if dt is not None else t
                 else:
                     seen.add(t.data_ptr())
+                    dt = cast(full) if cast is not None else None
+                    t = t.to(dt) if dt is not None and t.is_floating_point() else t
                 self.weights.add(full, t.detach())
 
     def checkpoint(self) -> dict:
@@ -257,7 +261,9 @@ def save_model(model, tokenizer, directory: Path, store=None, adapter=None,
     outer = [adapter.embed, adapter.final_norm, adapter.lm_head]
     with store.parts(model, outer, adapter):
         tied = getattr(model.config, "tie_word_embeddings", False)
-        writer.add(model, skip=(layers,) + ((f"{adapter.lm_head}.",) if tied else ()))
+        # Steps never change these parts of a streamed model: they keep the input's dtype.
+        writer.add(model, skip=(layers,) + ((f"{adapter.lm_head}.",) if tied else ()),
+                   cast=weight_dtype if store.streamed else None)
     # Every parameter must have landed (a writer that skipped one would leave transformers
     # to initialise it at random on load).
     written = set(writer.weights.weight_map) | set(writer.weights.pending)
