@@ -37,14 +37,23 @@ def _run(tmp, name, teacher=None, **over):
 
 
 def test_kd_student_beats_ce_only_student(tmp_path):
+    # A teacher better than what the student reaches alone (held-out PPL 2.4 vs the CE-only
+    # student's 2.6): against a 60-step teacher (PPL 7.2) CE-only reaches 6.1 and KD, which
+    # follows the teacher, ends at 7.9 — KD can only be as good as its teacher.
     teacher, _, _, ids = setup()
-    pretrain(teacher, ids[:-16])
+    pretrain(teacher, ids[:-16], steps=300)
     common = dict(tokens=32 * 8 * 30, hidden_mse=0.0, checkpoint_every=0, eval_tokens=512, teacher=teacher)
     _, ce, _ = _run(tmp_path, "ce", ce=1.0, kl=0.0, **common)
     _, kd, _ = _run(tmp_path, "kd", ce=0.0, kl=1.0, **common)
     before = ce.evals[0]["kld"]
     assert kd.evals[0]["kld"] == pytest.approx(before)  # the same starting student
     assert kd.evals[-1]["kld"] < ce.evals[-1]["kld"] < before
+    # KLD is what KD optimizes. On held-out perplexity (CE-only's own objective) both must
+    # improve and KD must stay within 5 % of CE-only (measured: 2.61 vs 2.58 — on this toy KD
+    # does not beat CE on perplexity, only on agreement with the teacher).
+    assert kd.evals[-1]["ppl"] < kd.evals[0]["ppl"] and ce.evals[-1]["ppl"] < ce.evals[0]["ppl"]
+    assert kd.evals[-1]["ppl"] <= ce.evals[-1]["ppl"] * 1.05
+    assert kd.evals[-1]["teacher_ppl"] < ce.evals[-1]["ppl"]  # the premise: a better teacher
     assert kd.tokens == ce.tokens == 32 * 8 * 30
 
 

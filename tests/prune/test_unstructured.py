@@ -11,33 +11,39 @@ from compactor.prune.wanda import WandaConfig, apply_wanda
 from compactor.quant.rtn import RTNConfig, apply_rtn
 
 
-def _toy(seed=0, n=256, d=64, out=48):
+def _toy(seed=0, n=256, d=64, out=48, held_out=False):
     g = torch.Generator().manual_seed(seed)
-    # correlated inputs with a few loud channels (as LLM activations have)
-    base = torch.randn(n, 8, generator=g) @ torch.randn(8, d, generator=g)
-    X = base + 0.3 * torch.randn(n, d, generator=g)
-    X[:, :4] *= 8
+    mix = torch.randn(8, d, generator=g)
+
+    def sample():  # correlated inputs with a few loud channels (as LLM activations have)
+        x = torch.randn(n, 8, generator=g) @ mix + 0.3 * torch.randn(n, d, generator=g)
+        x[:, :4] *= 8
+        return x
+
+    X = sample()
     lin = torch.nn.Linear(d, out, bias=False)
     lin.weight.data = torch.randn(out, d, generator=g)
     h, s = HessianAccumulator(d), InputSample(d, 0)
     h.add(X)
     s.add(X)
-    return lin, X, h, s
+    return (lin, X, h, s, sample()) if held_out else (lin, X, h, s)
 
 
 def _err(orig, new, X):
     return float(((X @ orig.T - X @ new.weight.detach().T) ** 2).mean())
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("pattern", ["unstructured", "2:4", "4:8"])
-def test_wanda_and_sparsegpt_beat_magnitude(pattern):
-    lin, X, h, s = _toy()
+def test_wanda_and_sparsegpt_beat_magnitude(pattern, seed):
+    """Scored on held-out inputs (the statistics saw other samples), over several seeds."""
+    lin, X, h, s, Xh = _toy(seed, held_out=True)
     W = lin.weight.detach().clone()
     mk = lambda: _copy(lin)
     mag = apply_magnitude(mk(), MagnitudeConfig(sparsity=0.5, pattern=pattern))
     wan = apply_wanda(mk(), WandaConfig(sparsity=0.5, pattern=pattern), stats=s)
     sgp = apply_sparsegpt(mk(), SparseGPTConfig(sparsity=0.5, pattern=pattern, block_size=16), stats=h)
-    e_mag, e_wan, e_sgp = _err(W, mag, X), _err(W, wan, X), _err(W, sgp, X)
+    e_mag, e_wan, e_sgp = _err(W, mag, Xh), _err(W, wan, Xh), _err(W, sgp, Xh)
     assert e_wan < e_mag and e_sgp < e_wan, (e_mag, e_wan, e_sgp)
     for m in (mag, wan, sgp):
         assert abs((m.weight == 0).float().mean().item() - 0.5) < 1e-9
