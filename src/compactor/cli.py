@@ -33,6 +33,9 @@ def _add_memory_args(p: argparse.ArgumentParser) -> None:
                         "over it stops before any work with exit code 2")
     p.add_argument("--spill-activations", action="store_true",
                    help="keep calibration activations on disk between layers (one batch in memory)")
+    if p.prog.split()[-1] != "run":  # run has its own --resume
+        p.add_argument("--resume", action="store_true",
+                       help="continue an interrupted run (a streamed step from its last finished layer)")
 
 
 def _memory_keys(args) -> dict:
@@ -101,7 +104,8 @@ def _run_one_stage(args, steps: list[dict], where: str):
         **_memory_keys(args),
         "stages": [{"name": args.method, "steps": steps}],
     }
-    return run_recipe(Recipe.from_dict(data, where=where), out=args.out, overwrite=args.force)
+    return run_recipe(Recipe.from_dict(data, where=where), out=args.out, overwrite=args.force,
+                      resume=args.resume)
 
 
 _DISTILL_KEYS = ("student", "ce", "kl", "reverse_kl", "gjsd", "beta", "tv", "hidden_mse", "hidden_cos",

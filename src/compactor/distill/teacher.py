@@ -79,7 +79,11 @@ class TopKCache:
         self._shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         meta_path = self.dir / "meta.json"
         if meta_path.exists():
-            found = json.loads(meta_path.read_text())
+            try:
+                found = json.loads(meta_path.read_text(encoding="utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise CompactorError(f"{meta_path}: not valid JSON ({exc}); delete the cache directory "
+                                     "to rebuild it") from None
             if found != self.meta:
                 diff = [key for key in self.meta if found.get(key) != self.meta[key]]
                 raise CompactorError(f"{self.dir}: teacher cache was built for other {', '.join(diff)} "
@@ -114,11 +118,28 @@ class TopKCache:
             path = self._shard_path(s)
             if not path.exists():
                 raise CompactorError(f"{path}: teacher cache shard missing (build the cache first)")
-            with np.load(path, allow_pickle=False) as z:
-                self._shards[s] = (z["idx"], z["logp"])
+            self._shards[s] = self._read_shard(path, s)
             if len(self._shards) > 8:
                 self._shards.pop(next(iter(self._shards)))
         return self._shards[s]
+
+    def _read_shard(self, path: Path, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """A shard's arrays, checked: readable, the windows and k it must hold."""
+        import zipfile
+
+        rows = min(self.SHARD, self.ids.shape[0] - s * self.SHARD)
+        want = (rows, self.ids.shape[1], self.k)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                idx, logp = z["idx"], z["logp"]
+        except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as exc:
+            raise CompactorError(f"{path}: damaged teacher cache shard ({type(exc).__name__}: {exc}); "
+                                 "delete it to rebuild") from None
+        if idx.shape != want or logp.shape != want or idx.dtype.kind not in "iu" or logp.dtype.kind != "f":
+            raise CompactorError(f"{path}: teacher cache shard holds {idx.dtype}{list(idx.shape)} / "
+                                 f"{logp.dtype}{list(logp.shape)}, expected integer and float {list(want)}; "
+                                 "delete it to rebuild")
+        return idx, logp
 
     def targets(self, ids: torch.Tensor, index: torch.Tensor, hidden: bool = False,
                 attentions: bool = False) -> TeacherOut:

@@ -27,8 +27,14 @@ SINGLE = "model.safetensors"
 SHARD_BYTES = 512 * 1024**2
 
 
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+             "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
 def _header(path: Path) -> dict:
-    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), validated."""
+    """The JSON header of a safetensors file (names, dtypes, shapes, offsets), validated as
+    strictly as the format is: every tensor's dtype known, shape non-negative integers, its
+    byte range the size its shape and dtype say, the ranges tiling the data exactly."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -41,17 +47,43 @@ def _header(path: Path) -> dict:
             head = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CompactorError(f"{path}: safetensors header is not valid JSON ({exc})") from None
+    if not isinstance(head, dict):
+        raise CompactorError(f"{path}: safetensors header is not a JSON object")
     data = size - 8 - n
+    spans = []
     for name, info in head.items():
         if name == "__metadata__":
             continue
         try:
             begin, end = info["data_offsets"]
+            dtype, shape = info["dtype"], info["shape"]
         except (KeyError, TypeError, ValueError):
-            raise CompactorError(f"{path}: tensor {name!r} has no valid data_offsets") from None
+            raise CompactorError(f"{path}: tensor {name!r} needs dtype, shape and two data_offsets") from None
+        if not (isinstance(begin, int) and isinstance(end, int)) or isinstance(begin, bool):
+            raise CompactorError(f"{path}: tensor {name!r} has non-integer data_offsets")
+        if dtype not in _ITEMSIZE:
+            raise CompactorError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            raise CompactorError(f"{path}: tensor {name!r} has an invalid shape {shape!r}")
         if not 0 <= begin <= end <= data:
             raise CompactorError(f"{path}: tensor {name!r} lies at bytes {begin}..{end}, past the "
                                  f"{data} bytes of data in the file")
+        want = _ITEMSIZE[dtype]
+        for d in shape:
+            want *= d
+        if end - begin != want:
+            raise CompactorError(f"{path}: tensor {name!r} ({dtype} {shape}) needs {want} bytes, its "
+                                 f"offsets give {end - begin}")
+        spans.append((begin, end, name))
+    at = 0
+    for begin, end, name in sorted(spans):
+        if begin != at:
+            raise CompactorError(f"{path}: tensor {name!r} starts at byte {begin} of the data, expected "
+                                 f"{at} (overlapping or a gap)")
+        at = end
+    if at != data:
+        raise CompactorError(f"{path}: tensors cover {at} of the {data} bytes of data")
     return head
 
 

@@ -139,11 +139,15 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32,
     adapter = adapter or adapter_for_model_type(config.model_type, str(directory))
     if stream:
         return _load_streamed(source, directory, gguf_path, adapter, t0)
+    from compactor.models.checkpoint import CheckpointIndex
+
+    CheckpointIndex(directory)  # every shard's header checked strictly before transformers reads it
     try:
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, **LOCAL)
         tokenizer = AutoTokenizer.from_pretrained(str(directory), **LOCAL)
-    except OSError as exc:
-        raise CompactorError(f"could not load the model in {directory}: {exc}") from None
+    except Exception as exc:  # transformers/safetensors raise assorted types on damaged files
+        raise CompactorError(f"could not load the model in {directory}: {type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     # transformers maps the safetensors file into memory and the parameters point into the
     # mapping, which keeps every page a pass has touched resident for the model's lifetime,
     # even after a compression step replaced the module. Own copies are freed on replacement

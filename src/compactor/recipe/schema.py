@@ -192,7 +192,12 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise CompactorError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+        what = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise ConfigError(f"{where}: not valid YAML ({what})") from None
     return Recipe.from_dict(data, where=str(path))
