@@ -32,6 +32,7 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/compactor run recipes/demo.yaml --out runs/demo --force
+	cp runs/demo/results.md bench/results/demo.md
 
 # A missing extra fails the run (COMPACTOR_REQUIRE_EXTRAS); the header lists the versions.
 test: setup

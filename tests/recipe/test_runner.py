@@ -31,6 +31,9 @@ def test_run_writes_self_describing_output(tmp_path, tiny_dir, text_file):
     assert prov["environment"]["compactor"] == "0.1.0"
     assert prov["eval_data"]["window"] == 64 and prov["eval_data"]["source"] == "user"
     assert load_recipe(out / "recipe.yaml").to_dict() == rec.to_dict()
+    md = (out / "results.md").read_text()  # the table, from the same results, with provenance
+    assert "| model " in md and f"{ctx.results[0].ppl:.3f}" in md and "commit " in md
+    assert prov["memory_plan"]["fits"] and prov["memory_plan"]["total"] > 0
     load_model(out)  # the output directory is itself a loadable model
 
 

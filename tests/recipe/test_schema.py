@@ -43,7 +43,7 @@ def test_load_recipe_errors(tmp_path):
         load_recipe(tmp_path / "none.yaml")
     p = tmp_path / "bad.yaml"
     p.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad.yaml:2:1: not valid YAML \(expected"):
         load_recipe(p)
 
 

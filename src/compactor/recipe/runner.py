@@ -221,6 +221,8 @@ def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
                weight_dtype=lm.store.input_dtype if lm.streamed else None)
     (tmp / "recipe.yaml").write_text(ctx.recipe.to_yaml())
     (tmp / "metrics.json").write_text(json.dumps([r.to_dict() for r in ctx.results], indent=2))
+    if ctx.results:
+        (tmp / "results.md").write_text(results_markdown(ctx, started))
     prov = {
         "model_source": ctx.recipe.model,
         "model_gguf": str(ctx.loaded.gguf) if ctx.loaded.gguf else None,
@@ -237,6 +239,37 @@ def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
     }
     (tmp / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
 
+
+
+def results_markdown(ctx: RunContext, started: float) -> str:
+    """The run's results table (and per-domain table) with where it came from: what
+    ``make demo`` copies to ``bench/results/demo.md`` and the README quotes."""
+    import subprocess
+
+    from compactor.evaluate.report import table
+
+    try:
+        root = Path(__file__).parent
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=root).stdout.strip() or "unknown"
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=root).stdout.strip()
+        rev += "-dirty" if dirty else ""
+    except OSError:
+        rev = "unknown"
+    ev, cal = ctx._eval_windows, ctx._calib_windows
+    specs = list(ev) if isinstance(ev, dict) else [ctx.recipe.eval.data]
+    lines = [f"# {Path(ctx.recipe.model).name}: {', '.join(st.name for st in ctx.recipe.stages)}", "",
+             f"Recipe: {ctx.recipe.model}; commit {rev}; "
+             f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(started))}; "
+             f"`{' '.join(['compactor'] + sys.argv[1:]) if sys.argv and 'compactor' in sys.argv[0] else 'run_recipe'}`.",
+             f"Evaluation: {', '.join(map(str, specs))}, {ctx.recipe.eval.tokens} tokens each in windows "
+             f"of {ctx.recipe.eval.window}.",
+             "Calibration: " + (f"{ctx.recipe.calibration.data} ({', '.join(calibration_domains(cal.provenance))}), "
+                                f"{len(cal)} x {cal.length} tokens." if cal is not None else "none."),
+             f"Environment: {', '.join(f'{k} {v}' for k, v in _environment().items())}.", "",
+             table(ctx.results), ""]
+    return "\n".join(lines)
 
 
 def _provenance(windows) -> dict | None:
