@@ -28,6 +28,8 @@ from tests.fuzz.targets import TARGETS, run_all  # noqa: E402
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cases", type=int, default=200, help="cases per target")
+    ap.add_argument("--gguf-cases", type=int, default=40,
+                    help="cases for the GGUF target (each converts a model, ~10 s)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--targets", nargs="*", default=list(TARGETS), choices=list(TARGETS))
     ap.add_argument("--table-only", action="store_true")
@@ -36,9 +38,15 @@ def main() -> None:
     if not args.table_only:
         prov = provenance()
         t0 = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            report = run_all(Path(tmp), args.cases, args.seed, args.targets)
-        path.write_text(json.dumps({"prov": prov, "cases": args.cases, "seed": args.seed,
+        report = None
+        for t in args.targets:
+            with tempfile.TemporaryDirectory() as tmp:
+                part = run_all(Path(tmp), args.gguf_cases if t == "gguf" else args.cases, args.seed, [t])
+            report = part if report is None else report
+            if part is not report:
+                report.outcomes += part.outcomes
+        path.write_text(json.dumps({"prov": prov, "cases": args.cases, "gguf_cases": args.gguf_cases,
+                                    "seed": args.seed,
                                     "seconds": round(time.perf_counter() - t0, 1),
                                     "outcomes": [o.__dict__ for o in report.outcomes]}, indent=1))
     rec = json.loads(path.read_text())
@@ -49,7 +57,7 @@ def main() -> None:
                      f"{counts[(t, 'refused')]} | {counts[(t, 'FAIL')]} |" for t in targets)
     fails = [o for o in rec["outcomes"] if o["result"].startswith("FAIL")]
     p = rec["prov"]
-    body = (f"{rec['cases']} cases per target, seed {rec['seed']}, {rec['seconds']:.0f} s; commit "
+    body = (f"{rec['cases']} cases per target ({rec.get('gguf_cases', rec['cases'])} for gguf), seed {rec['seed']}, {rec['seconds']:.0f} s; commit "
             f"{p['commit']}, {p['date']}, `{p['command']}`.\n\n"
             "| target | cases | ok (a correct result) | refused (one-line error, exit 2) | failures |\n"
             "|---|---|---|---|---|\n" + rows + "\n\n"

@@ -90,6 +90,9 @@ class StepConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> "StepConfig":
         """Build from a plain dict, rejecting unknown keys by name."""
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"{cls.name or cls.__name__}: settings must be a mapping of keys, got "
+                              f"{type(data).__name__}")
         data = dict(data or {})
         allowed = cls.field_names()
         unknown = [k for k in data if k not in allowed]

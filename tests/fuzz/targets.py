@@ -46,11 +46,15 @@ def fuzz_gguf(tmp: Path, cases: int, rng: random.Random, report: Report) -> None
 
     from compactor.export.gguf import GGUFTypes, export_gguf
     from compactor.models.load import load_model, read_gguf_header
-    from compactor.models.tiny import tiny_model, tiny_tokenizer
+    from compactor.models.tiny import tiny_model
 
+    from compactor.models.bundled import bundled_gguf
+
+    # A tiny model with the bundled model's vocabulary, so its GGUF carries a real tokenizer
+    # that transformers can rebuild and a mutated file gets past the tokenizer to the tensors.
     seed = tmp / "seed.gguf"
-    export_gguf(tiny_model("llama"), seed, types=GGUFTypes("f32", "q8_0"), tokenizer=tiny_tokenizer(),
-                progress=False)
+    export_gguf(tiny_model("llama", vocab_size=49152), seed, types=GGUFTypes("f32", "q8_0"),
+                tokenizer_gguf=bundled_gguf("smollm2-135m"), progress=False)
     raw = seed.read_bytes()
     home = tmp / "home"
     os.environ["COMPACTOR_HOME"] = str(home)
@@ -59,7 +63,8 @@ def fuzz_gguf(tmp: Path, cases: int, rng: random.Random, report: Report) -> None
             data, how = mutate_bytes(raw, rng)
             p = tmp / f"case{i}.gguf"
             p.write_bytes(data)
-            result, msg = run_case(lambda: (read_gguf_header(p), load_model(p)))
+            # Rebuilding a 49k-token tokenizer from GGUF metadata takes transformers ~10 s here.
+            result, msg = run_case(lambda: (read_gguf_header(p), load_model(p)), seconds=120)
             half = [d.name for d in (home / "converted").glob(".*")] if (home / "converted").exists() else []
             if half:
                 result, msg = "FAIL: half-written cache", ", ".join(half)

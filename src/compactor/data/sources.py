@@ -22,17 +22,20 @@ class Text:
 
 def _read_jsonl(path: Path) -> list[str]:
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CompactorError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise CompactorError(f"{path}:{lineno}: each line needs a string field 'text'")
-            docs.append(row["text"])
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise CompactorError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CompactorError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise CompactorError(f"{path}:{lineno}: each line needs a string field 'text'")
+        docs.append(row["text"])
     return docs
 
 
@@ -44,11 +47,14 @@ def _read_parquet(path: Path) -> list[str]:
             f"reading {path} needs pyarrow: pip install 'compactor[parquet]'"
         ) from None
     try:
+        names = pq.read_schema(path).names
+        if "text" not in names:
+            raise CompactorError(f"{path}: parquet file has no 'text' column (it has: {', '.join(names) or 'none'})")
         table = pq.read_table(path, columns=["text"])
-    except KeyError:
-        raise CompactorError(f"{path}: parquet file has no 'text' column") from None
-    except Exception as exc:
-        raise CompactorError(f"{path}: not a readable parquet file ({exc})") from None
+    except CompactorError:
+        raise
+    except Exception as exc:  # pyarrow raises assorted types on damaged files
+        raise CompactorError(f"{path}: not a readable parquet file ({' '.join(str(exc).split())})") from None
     return [t for t in table.column("text").to_pylist() if isinstance(t, str)]
 
 

@@ -45,8 +45,9 @@ def convert_gguf(path: Path, dest: Path, adapter: Adapter) -> None:
     try:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
-    except (ValueError, KeyError, RuntimeError, OSError) as exc:
-        raise CompactorError(f"transformers cannot read the metadata of GGUF {path}: {exc}") from None
+    except Exception as exc:  # damaged metadata surfaces as assorted types from transformers/tokenizers
+        raise CompactorError(f"transformers cannot read the metadata of GGUF {path}: "
+                             f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
     model = skeleton_from_config(config)
     config.architectures = [type(model).__name__]
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[adapter.gguf_arch]

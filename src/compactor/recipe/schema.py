@@ -112,7 +112,7 @@ class Recipe:
         unknown = [k for k in data if k not in cls._TOP_KEYS]
         if unknown:
             raise ConfigError(f"{where}: unknown key {unknown[0]!r}; allowed keys: {', '.join(cls._TOP_KEYS)}")
-        if not isinstance(data.get("model"), str):
+        if not isinstance(data.get("model"), str) or not data["model"].strip():
             raise ConfigError(f"{where}: 'model' is required (an alias, directory or .gguf path)")
         ref = data.get("reference", "original")
         if ref is not None and not isinstance(ref, str):
