@@ -60,3 +60,28 @@ def test_w8a8_model_saves_loads_and_refuses_export(tmp_path, tok):
     with pytest.raises(CompactorError, match="W8A8.*export compressed-tensors"):
         export_model(back, "gguf", tmp_path / "x.gguf", verify=False, progress=False)
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_module_straddling_two_code_shards_restores(tmp_path, tok):
+    """Tiny shards force a module's codes and scales into different files."""
+    import torch
+
+    from compactor.api import quantize_
+    from compactor.models.load import load_model
+    from compactor.models.tiny import tiny_model
+    from compactor.quant.rtn import RTNConfig
+    from compactor.quant.storage import ModelWriter, quantized_modules
+
+    m = tiny_model("llama")
+    quantize_(m, RTNConfig(grid="q4_k"))  # K-quants keep extra tensors (super-block scales)
+    out = tmp_path / "w"
+    w = ModelWriter(out, max_shard_bytes=3000)
+    w.add(m)
+    w.close(m.config, tok)
+    import json
+
+    shards = set(json.loads((out / "quantization.safetensors.index.json").read_text())["weight_map"].values())
+    assert len(shards) > 3
+    back = load_model(out).model
+    for n, q in quantized_modules(m).items():
+        assert torch.equal(back.get_submodule(n).codes, q.codes), n

@@ -25,6 +25,7 @@ from compactor.quant.qlinear import QuantizedEmbedding, QuantizedLinear, tie_hea
 MANIFEST = "quantization.json"
 TENSORS = "quantization.safetensors"
 ACTIVATIONS = "activations.json"
+CODES_INDEX = "quantization.safetensors.index.json"
 
 
 def quantized_modules(model, linear_only: bool = False) -> dict[str, QuantizedLinear]:
@@ -174,15 +175,32 @@ def _write_json(path: Path, data) -> None:
 
 
 def _read_module_tensors(directory: Path, entry: dict, n: str, names: list[str]) -> dict:
+    """The named tensors of one quantized module, each from the shard the codes index
+    (``quantization.safetensors.index.json``) puts it in — a module's tensors may straddle a
+    shard boundary — or from the entry's single file in older outputs."""
     from safetensors import safe_open
 
-    path = Path(directory) / entry.get("file", TENSORS)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            have = set(f.keys())
-            return {k: f.get_tensor(k).clone() for k in names if k in have}
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CompactorError(f"{path} is unreadable (module {n}): {exc}") from None
+    index = Path(directory) / CODES_INDEX
+    where: dict[str, str] = {}
+    if index.exists():
+        try:
+            where = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise CompactorError(f"{index}: not a safetensors index ({exc})") from None
+    default = entry.get("file", TENSORS)
+    by_file: dict[str, list[str]] = {}
+    for k in names:
+        by_file.setdefault(where.get(k, default), []).append(k)
+    out = {}
+    for file, members in by_file.items():
+        path = Path(directory) / file
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                have = set(f.keys())
+                out.update({k: f.get_tensor(k).clone() for k in members if k in have})
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CompactorError(f"{path} is unreadable (module {n}): {exc}") from None
+    return out
 
 
 def read_manifest(directory: Path) -> dict:
