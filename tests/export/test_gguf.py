@@ -42,7 +42,7 @@ def test_qk_permutation_is_llamacpp_converters():
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "gemma"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma"])
 def test_f32_file_matches_memory_in_llamacpp(tmp_path, tok, windows, family):
     """An unquantized export runs in llama.cpp with the same logits (families: one adapter
     entry each; qwen2 has q/k/v biases, gemma a norm offset and no q/k permutation)."""
@@ -121,8 +121,34 @@ def test_bad_type_and_vocab_mismatch(tmp_path, tok):
         export_gguf(m, tmp_path / "b.gguf", tokenizer_gguf=src, progress=False)
 
 
-def test_scaled_rope_is_refused(tmp_path, tok):
-    m = tiny_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
-    with pytest.raises(CompactorError, match="RoPE scaling 'linear' is not supported"):
+def test_unsupported_rope_scaling_is_refused(tmp_path, tok):
+    m = tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 10000.0})
+    with pytest.raises(CompactorError, match="RoPE scaling 'dynamic' is not supported"):
         export_gguf(m, tmp_path / "m.gguf", tokenizer=tok, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_llamacpp
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+])
+def test_scaled_rope_runs_in_llamacpp_as_in_memory(tmp_path, tok, rope):
+    """Llama 3.x scaling (the rope_freqs tensor llama.cpp's converter writes) and linear
+    scaling (metadata): llama.cpp reproduces the scaled in-memory model — and an unscaled
+    model's logits differ, so the check can fail."""
+    import copy
+
+    m = tiny_model("llama", rope_parameters=rope, max_position_embeddings=512)
+    plain = tiny_model("llama", max_position_embeddings=512)
+    win = make_windows(torch.randint(0, 258, (4 * 200,), generator=torch.Generator().manual_seed(3)), 200)
+    with torch.no_grad():
+        assert not torch.allclose(m(win.input_ids[:1]).logits, plain(win.input_ids[:1]).logits, atol=1e-3)
+    exp = export_gguf(m, tmp_path / "m.gguf", types=GGUFTypes("f32", "f32"), tokenizer=tok, progress=False)
+    v = verify_gguf(m, exp, win)
+    assert v.passed and v.kld_mean < 1e-4, v.describe()
+    if rope["rope_type"] == "llama3":
+        assert any(t.name == "rope_freqs.weight" for t in exp.tensors)
+        # the same file judged against the unscaled model fails: the factors matter
+        assert not verify_gguf(copy.deepcopy(plain), exp, win).passed

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from compactor.errors import CompactorError
-from compactor.export.gguf_meta import (arch_metadata, provenance_metadata, tokenizer_from_gguf,
+from compactor.export.gguf_meta import (arch_metadata, llama3_rope_factors, provenance_metadata, rope_params,
+                                        tokenizer_from_gguf,
                                         tokenizer_from_transformers)
 from compactor.io import atomic_file
 from compactor.models.adapters import Adapter, adapter_for
@@ -224,6 +225,11 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
                                                      dir=str(path.parent.resolve()))
     _pack_all(model, adapter, store, types, cfg, name_map, path, embed_w, records, notes, writer,
               progress)
+    if rope_params(cfg)["rope_type"] == "llama3":  # per-frequency divisors, as llama.cpp's converter writes
+        factors = llama3_rope_factors(cfg).numpy()
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", factors)
+        records.append(TensorRecord("rope_freqs.weight", "(llama3 RoPE scaling)", "f32", factors.size,
+                                    factors.nbytes, "float"))
     with atomic_file(path) as tmp:
         writer.add_string("general.name", getattr(cfg, "_name_or_path", "") or "compactor model")
         writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
@@ -239,7 +245,7 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
         writer.write_tensors_to_file(progress=False)
         writer.close()
     size = path.stat().st_size
-    params = sum(r.numel for r in records)
+    params = sum(r.numel for r in records if r.name != "rope_freqs.weight")  # weights, not RoPE factors
     return GGUFExport(path, records, size, params, time.perf_counter() - t0, adapter, _count(notes))
 
 

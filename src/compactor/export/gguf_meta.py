@@ -24,14 +24,56 @@ def _rope_theta(config) -> float:
     return float(theta)
 
 
+def rope_params(config) -> dict:
+    """The RoPE parameters of a config (transformers >= 5 ``rope_parameters``, older
+    ``rope_scaling``), with its type under ``rope_type``."""
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_type", params.get("type", "default") or "default")
+    return params
+
+
+#: RoPE types llama.cpp runs and compactor writes: unscaled, linear (metadata), llama3 (a
+#: ``rope_freqs`` tensor of per-dimension factors, as llama.cpp's converter writes it).
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
 def _check_rope(config, where: str) -> None:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", None):
+    kind = rope_params(config)["rope_type"]
+    if kind not in ROPE_TYPES:
         raise CompactorError(
             f"{where}: RoPE scaling {kind!r} is not supported by compactor's GGUF exporter yet "
-            "(only unscaled RoPE); the file would run with wrong positions"
+            f"(supported: {', '.join(ROPE_TYPES)}); the file would run with wrong positions"
         )
+
+
+def llama3_rope_factors(config):
+    """Per-frequency divisors of Llama 3.x RoPE scaling (``[head_dim / 2]`` float32): 1 for
+    short wavelengths, ``factor`` for long ones, smoothly in between — what llama.cpp reads
+    from ``rope_freqs`` and transformers' llama3 RoPE applies. The original context length is
+    the config's (transformers' rule), so the file computes what the in-memory model does."""
+    import math
+
+    import torch
+
+    p = rope_params(config)
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    base = _rope_theta(config)
+    factor = float(p.get("factor", 8.0))
+    low, high = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+    old = float(p.get("original_max_position_embeddings",
+                      getattr(config, "original_max_position_embeddings", 8192)))
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    out = []
+    for f in freqs.tolist():
+        wavelen = 2 * math.pi / f
+        if wavelen < old / high:
+            out.append(1.0)
+        elif wavelen > old / low:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
 
 
 def arch_metadata(config, arch: str, where: str = "model") -> dict[str, tuple[Any, str]]:
@@ -53,6 +95,10 @@ def arch_metadata(config, arch: str, where: str = "model") -> dict[str, tuple[An
         f"{arch}.attention.value_length": (int(head_dim), u),
         f"{arch}.vocab_size": (int(config.vocab_size), u),
     }
+    rope = rope_params(config)
+    if rope["rope_type"] == "linear":
+        meta[f"{arch}.rope.scaling.type"] = ("linear", "STRING")
+        meta[f"{arch}.rope.scaling.factor"] = (float(rope["factor"]), f)
     return meta
 
 

@@ -84,6 +84,9 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("llama", ("llama",), "llama", gguf_permute_qk=True),
     Adapter("mistral", ("mistral",), "llama", gguf_permute_qk=True),
     Adapter("qwen2", ("qwen2",), "qwen2"),
+    # Qwen3: per-head q/k RMSNorm inside attention (after the projections, so AWQ's
+    # input-norm -> q/k/v folding still holds), no q/k/v biases.
+    Adapter("qwen3", ("qwen3",), "qwen3"),
     Adapter("gemma", ("gemma",), "gemma", norm_offset=1.0),
 )
 
