@@ -72,7 +72,24 @@ def cmd_eval(args) -> int:
     print(table([result]))
     if args.json:
         Path(args.json).write_text(to_json([result]))
+    from compactor.recipe.gates import Gate, check_gate, describe_failure
+
+    gate = Gate(**{k: getattr(args, k) for k in _GATE_FLAGS})
+    if not gate.empty:
+        if gate.needs_reference() and ref is None:
+            from compactor.errors import CompactorError
+
+            raise CompactorError("--max-kld, --max-ppl-ratio and --min-top1 need --reference")
+        checks = check_gate(gate, result)
+        if not all(c["passed"] for c in checks):
+            from compactor.errors import GateFailed
+
+            raise GateFailed(describe_failure(Path(args.model).name, checks, "nothing is written by eval"))
+        print("gate passed: " + ", ".join(f"{c['gate']} {c['measured']:.4g} (limit {c['limit']:.4g})" for c in checks))
     return 0
+
+
+_GATE_FLAGS = ("max_kld", "max_ppl_ratio", "min_top1", "max_size_mb", "max_bpw")
 
 
 def cmd_run(args) -> int:
@@ -258,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(e)
     e.add_argument("--json", metavar="OUT.json", help="also write the metrics as JSON")
     e.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed test")
+    for flag, what in (("max-kld", "mean KLD"), ("max-ppl-ratio", "PPL / reference PPL"),
+                       ("max-size-mb", "size in MB"), ("max-bpw", "bits per weight")):
+        e.add_argument(f"--{flag}", type=float, help=f"gate: fail (exit 3) if the {what} is above this")
+    e.add_argument("--min-top1", type=float, help="gate: fail (exit 3) if top-1 agreement is below this")
     e.set_defaults(fn=cmd_eval)
 
     q = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ, AWQ, mixed precision) on an int, "
@@ -399,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return getattr(exc, "exit_code", 2)  # 3: a quality gate failed
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -11,3 +11,10 @@ class CompactorError(Exception):
 
 class ConfigError(CompactorError, ValueError):
     """A recipe or step configuration is invalid (unknown key, bad value)."""
+
+
+class GateFailed(CompactorError):
+    """A quality gate was not met: the CLI prints the measured value against the limit and
+    exits with code 3 (2 stays "bad input")."""
+
+    exit_code = 3

@@ -48,6 +48,9 @@ class RunContext:
     streamed_notes: list[str] = field(default_factory=list)  # notes of the layers a streamed step wrote
     streamed_sparsity: list = field(default_factory=list)  # their sparsity rows, for pruning steps
     plan: Any = None  # the memory plan printed before the run
+    gates: list[dict] = field(default_factory=list)  # every gate checked, with its figures
+    passed_stage: str | None = None  # the last stage whose model a failed gate leaves behind
+    _reference_decode: float | None = None
 
     @property
     def model(self):
@@ -165,7 +168,12 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
     if out is None:
         with tempfile.TemporaryDirectory(prefix="compactor-work-") as work:
             ctx = RunContext(recipe=recipe, loaded=loaded, work_dir=Path(work), plan=plan)
-            _run_stages(ctx, progress)
+            try:
+                _run_stages(ctx, progress)
+            except _GateStop as stop:
+                from compactor.errors import GateFailed
+
+                raise GateFailed(str(stop).split("; the output holds")[0] + " (no output was asked for)") from None
         return ctx
     work = Path(out).parent / f"{Path(out).name}.work"
     from compactor.distributed import dist_info
@@ -179,12 +187,29 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
         # (rank 0's checkpoints) so that --resume restores every process.
         _run_stages(ctx, progress)
         return ctx
-    with atomic_dir(out, overwrite=overwrite or resume) as tmp:
-        ctx.out_dir = tmp
-        _run_stages(ctx, progress)
-        _write_outputs(ctx, tmp, started)
+    from compactor.errors import GateFailed
+
+    failed = None
+    if any(st.gate is not None for st in recipe.stages):
+        work.mkdir(parents=True, exist_ok=True)
+        _snapshot(ctx)  # the input model: what a gate failing in the first stage leaves
+        ctx.passed_stage = None
+    try:
+        with atomic_dir(out, overwrite=overwrite or resume) as tmp:
+            ctx.out_dir = tmp
+            try:
+                _run_stages(ctx, progress)
+            except _GateStop as stop:
+                failed = str(stop)
+                ctx.loaded = load_model(work / "last-passed")  # the last model that passed
+            _write_outputs(ctx, tmp, started, failed)
+    finally:
+        if failed is not None:
+            shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(work, ignore_errors=True)
     ctx.out_dir = Path(out)
+    if failed is not None:
+        raise GateFailed(failed + f" ({out})")
     return ctx
 
 
@@ -206,16 +231,53 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
             ctx.modified |= stage_modified
             ctx.log.append({"stage": stage.name, "step": step.name,
                             "seconds": round(time.perf_counter() - t0, 3)})
-        # A stage that changed the model is scored against the original.
-        if ctx.recipe.eval.after_each_stage and stage_modified and lead:
+        # A stage that changed the model is scored against the original (a gated stage is
+        # always scored: its gate needs the figures).
+        gated = stage.gate is not None and not stage.gate.empty
+        if lead and ((ctx.recipe.eval.after_each_stage and stage_modified) or gated):
             ref = ctx.reference_scorer() if ctx.modified else None
             res = evaluate(ctx.loaded, ctx.eval_windows(), reference=ref,
                            speed=ctx.recipe.eval.speed, name=f"{stage.name}",
                            progress=progress)
             ctx.results.append(res)
+            if gated:
+                _check_stage_gate(ctx, stage, res)
+        if lead and any(st.gate is not None for st in ctx.recipe.stages[ctx.recipe.stages.index(stage) + 1:]):
+            _snapshot(ctx)  # this stage passed: the model a later failed gate leaves behind
 
 
-def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
+class _GateStop(Exception):
+    """A failed gate inside the run (turned into GateFailed once the output is written)."""
+
+
+def _snapshot(ctx: RunContext) -> None:
+    d = ctx.work_dir / "last-passed"
+    shutil.rmtree(d, ignore_errors=True)
+    lm = ctx.loaded
+    save_model(lm.model, lm.tokenizer, d, store=lm.store, adapter=lm.adapter,
+               weight_dtype=lm.store.input_dtype if lm.streamed else None)
+    ctx.passed_stage = ctx.stage
+
+
+def _check_stage_gate(ctx: RunContext, stage, res) -> None:
+    from compactor.recipe.gates import check_gate, describe_failure
+
+    ref_decode = None
+    if stage.gate.min_decode_speedup is not None and ctx.reference() is not None:
+        from compactor.evaluate.backends import TorchBackend
+
+        if ctx._reference_decode is None:
+            ctx._reference_decode = TorchBackend(ctx.reference().model).speed()["decode_tok_s"]
+        ref_decode = ctx._reference_decode
+    checks = check_gate(stage.gate, res, ref_decode)
+    ctx.gates.append({"stage": stage.name, "checks": checks})
+    if not all(c["passed"] for c in checks):
+        kept = (f"the output holds the model after stage {ctx.passed_stage!r}, the last that passed"
+                if ctx.passed_stage else "the output holds the input model (no stage before it)")
+        raise _GateStop(describe_failure(stage.name, checks, kept))
+
+
+def _write_outputs(ctx: RunContext, tmp: Path, started: float, failed: str | None = None) -> None:
     lm = ctx.loaded
     save_model(lm.model, lm.tokenizer, tmp, store=lm.store, adapter=lm.adapter,
                weight_dtype=lm.store.input_dtype if lm.streamed else None)
@@ -231,6 +293,8 @@ def _write_outputs(ctx: RunContext, tmp: Path, started: float) -> None:
         "calibration_domains": (calibration_domains(ctx._calib_windows.provenance)
                                 if ctx._calib_windows else None),
         "steps": ctx.log,
+        "gates": ctx.gates,
+        "gate_failed": failed,
         "memory_plan": ctx.plan.to_dict() if ctx.plan is not None else None,
         "reports": ctx.reports,
         "environment": _environment(),

@@ -82,6 +82,7 @@ class Step:
 class Stage:
     name: str
     steps: list[Step]
+    gate: Any = None  # a recipe.gates.Gate, or None
 
 
 @dataclass
@@ -125,9 +126,9 @@ class Recipe:
             here = f"{where}: stages[{i}]"
             if not isinstance(st, dict):
                 raise ConfigError(f"{here}: a stage is a mapping with keys name, steps")
-            bad = [k for k in st if k not in ("name", "steps")]
+            bad = [k for k in st if k not in ("name", "steps", "gate")]
             if bad:
-                raise ConfigError(f"{here}: unknown key {bad[0]!r}; allowed keys: name, steps")
+                raise ConfigError(f"{here}: unknown key {bad[0]!r}; allowed keys: name, steps, gate")
             steps_raw = st.get("steps")
             if not isinstance(steps_raw, list) or not steps_raw:
                 raise ConfigError(f"{here}: 'steps' must be a non-empty list")
@@ -143,7 +144,15 @@ class Recipe:
                     steps.append(Step(entry.config_cls.from_dict(body)))
                 except ConfigError as exc:
                     raise ConfigError(f"{here}.steps[{j}]: {exc}") from None
-            stages.append(Stage(str(st.get("name", f"stage{i}")), steps))
+            gate = None
+            if st.get("gate") is not None:
+                from compactor.recipe.gates import Gate
+
+                try:
+                    gate = Gate.from_dict(st["gate"])
+                except ConfigError as exc:
+                    raise ConfigError(f"{here}: {exc}") from None
+            stages.append(Stage(str(st.get("name", f"stage{i}")), steps, gate))
         stream, spill = data.get("stream", False), data.get("spill_activations", False)
         for key, val in (("stream", stream), ("spill_activations", spill)):
             if not isinstance(val, bool):
@@ -175,7 +184,8 @@ class Recipe:
             "max_memory": self.max_memory,
             "spill_activations": self.spill_activations,
             "stages": [
-                {"name": st.name, "steps": [{s.name: s.config.to_dict()} for s in st.steps]}
+                {"name": st.name, "steps": [{s.name: s.config.to_dict()} for s in st.steps],
+                 **({"gate": {k: v for k, v in st.gate.to_dict().items() if v is not None}} if st.gate else {})}
                 for st in self.stages
             ],
         }
