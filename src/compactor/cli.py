@@ -21,8 +21,9 @@ def _add_data_args(p: argparse.ArgumentParser, default: str = "domains") -> None
                    help="tokens to evaluate per domain (default 8192)")
     p.add_argument("--window", type=int, default=512, help="window length in tokens (default 512)")
     p.add_argument("--stride", type=int, default=None, help="window stride (default: window, no overlap)")
-    p.add_argument("--bos", choices=["none", "prepend"], default="none",
-                   help="BOS policy: none = plain slices; prepend = BOS + window-1 tokens")
+    p.add_argument("--bos", choices=["auto", "none", "prepend"], default="auto",
+                   help="BOS policy: auto = as the model's tokenizer does (default; Gemma prepends, "
+                        "SmolLM2 does not); none = plain slices; prepend = BOS + window-1 tokens")
 
 
 def _add_memory_args(p: argparse.ArgumentParser) -> None:

@@ -49,3 +49,19 @@ def test_windows_for_user_text(tok, text_file):
     assert p["source"] == "user" and p["bos"] == "none" and p["window"] == 64
     assert p["files"][0]["file"].endswith("text.txt") and len(p["sha256"]) == 64
     assert tok.decode(w.input_ids[0]) == text_file.read_text()[:64]
+
+
+def test_bos_policy_follows_the_tokenizer(tok, text_file):
+    from tokenizers import processors
+
+    from compactor.data.windows import resolve_bos, windows_for
+
+    assert resolve_bos(tok, "auto") == "none"  # the byte tokenizer adds no BOS (like SmolLM2's)
+    w = windows_for(tok, str(text_file), 64, max_tokens=128)
+    assert w.provenance["bos"] == "none" and w.provenance["bos_policy"] == "auto"
+    # A tokenizer that puts BOS first (as Gemma's do): auto prepends it to every window.
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 256)])
+    assert tok("a")["input_ids"][0] == 256
+    assert resolve_bos(tok, "auto") == "prepend" and resolve_bos(tok, "none") == "none"
+    w = windows_for(tok, str(text_file), 64, max_tokens=128)
+    assert w.provenance["bos"] == "prepend" and (w.input_ids[:, 0] == 256).all()

@@ -26,7 +26,7 @@ def test_folding_keeps_the_float_model_equivalent():
 
     g = torch.Generator().manual_seed(1)
     w = make_windows(torch.randint(0, 256, (8 * 32,), generator=g).tolist(), length=32)
-    for family in ("llama", "gemma", "qwen3"):  # gemma's norm multiplies by (1 + w); qwen3 has q/k norms
+    for family in ("llama", "gemma", "qwen3", "gemma2"):  # gemma's norm multiplies by (1 + w); qwen3 has q/k norms
         ref = tiny_model(family, num_key_value_heads=4)  # MHA: v -> o can be folded too
         m = copy.deepcopy(ref)
         rep = run_sequential(m, w, apply_awq, AWQConfig(grid="q4_0", then="none"), progress=False)

@@ -124,17 +124,32 @@ def make_windows(
     return out
 
 
+def resolve_bos(tokenizer, bos: str) -> str:
+    """``auto``: what the model's tokenizer does — ``prepend`` when it puts a BOS first when
+    encoding (Gemma's tokenizers do, and without it their perplexity roughly triples), else
+    ``none`` — as llama.cpp's perplexity tool follows the GGUF's ``add_bos_token``."""
+    if bos != "auto":
+        return bos
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return "none"
+    ids = tokenizer("a")["input_ids"]
+    return "prepend" if ids[:1] == [bos_id] else "none"
+
+
 def windows_for(
     tokenizer,
     spec: str,
     length: int = 512,
     stride: int | None = None,
-    bos: Literal["none", "prepend"] = "none",
+    bos: Literal["auto", "none", "prepend"] = "auto",
     max_tokens: int | None = None,
 ) -> TokenWindows:
     """Load text by ``spec`` (corpus or domain split, ``calib:mix``, or a path), tokenize,
-    and cut windows."""
+    and cut windows (``bos``: see :func:`resolve_bos`; the choice is in the provenance)."""
     from compactor.data.sources import load_text
+
+    policy, bos = bos, resolve_bos(tokenizer, bos)
 
     if str(spec) == MIX_SPEC:
         return mix_windows(tokenizer, length, bos, max_tokens)
@@ -145,7 +160,7 @@ def windows_for(
     ids = tokenizer(text.text, add_special_tokens=False)["input_ids"]
     win = make_windows(ids, length, stride, bos, tokenizer.bos_token_id, max_tokens)
     win.provenance = {**text.provenance, "spec": str(spec),
-                      "tokenizer": type(tokenizer).__name__, **win.provenance}
+                      "tokenizer": type(tokenizer).__name__, **win.provenance, "bos_policy": policy}
     return win
 
 
@@ -155,13 +170,14 @@ MIX_SPEC = "calib:mix"
 MIX_DEFAULT_WINDOWS = 128
 
 
-def mix_windows(tokenizer, length: int = 512, bos: Literal["none", "prepend"] = "none",
+def mix_windows(tokenizer, length: int = 512, bos: Literal["auto", "none", "prepend"] = "auto",
                 max_tokens: int | None = None) -> TokenWindows:
     """``calib:mix``: an equal share of windows from each calibration split of
     :data:`compactor.data.domains.MIX` (the first domains take one more when the count does
     not divide), interleaved round-robin so that any first ``n`` windows stay balanced."""
     from compactor.data.domains import MIX
 
+    bos = resolve_bos(tokenizer, bos)
     n = MIX_DEFAULT_WINDOWS if max_tokens is None else max(1, max_tokens // length)
     shares = [n // len(MIX) + (1 if i < n % len(MIX) else 0) for i in range(len(MIX))]
     parts, provs = [], {}
@@ -200,7 +216,7 @@ def split_specs(spec: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def domain_windows(tokenizer, spec, length: int = 512, stride: int | None = None,
-                   bos: Literal["none", "prepend"] = "none",
+                   bos: Literal["auto", "none", "prepend"] = "auto",
                    max_tokens: int | None = None) -> dict[str, TokenWindows]:
     """Windows for each evaluation spec (see :func:`split_specs`), by spec; ``max_tokens``
     applies to each domain."""

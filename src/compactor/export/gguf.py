@@ -234,7 +234,7 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
         writer.add_string("general.name", getattr(cfg, "_name_or_path", "") or "compactor model")
         writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
         writer.add_uint32("general.file_type", _file_type(records))
-        for key, (value, vtype) in arch_metadata(cfg, adapter.gguf_arch, str(path)).items():
+        for key, (value, vtype) in arch_metadata(cfg, adapter.gguf_arch, str(path), adapter.gguf_keys).items():
             writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
         for key, value, vtype, sub in tok_keys:
             writer.add_key_value(key, value, vtype, sub_type=sub)

@@ -76,8 +76,9 @@ def llama3_rope_factors(config):
     return torch.tensor(out, dtype=torch.float32)
 
 
-def arch_metadata(config, arch: str, where: str = "model") -> dict[str, tuple[Any, str]]:
-    """``{key: (value, gguf value type name)}`` for the architecture section."""
+def arch_metadata(config, arch: str, where: str = "model", extra: tuple = ()) -> dict[str, tuple[Any, str]]:
+    """``{key: (value, gguf value type name)}`` for the architecture section; ``extra``: the
+    adapter's (key, config attribute, type) triples."""
     _check_rope(config, where)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     u, f = "UINT32", "FLOAT32"
@@ -95,6 +96,10 @@ def arch_metadata(config, arch: str, where: str = "model") -> dict[str, tuple[An
         f"{arch}.attention.value_length": (int(head_dim), u),
         f"{arch}.vocab_size": (int(config.vocab_size), u),
     }
+    for key, attr, vtype in extra:
+        value = getattr(config, attr, None)
+        if value is not None:
+            meta[f"{arch}.{key}"] = (float(value) if vtype == "FLOAT32" else int(value), vtype)
     rope = rope_params(config)
     if rope["rope_type"] == "linear":
         meta[f"{arch}.rope.scaling.type"] = ("linear", "STRING")

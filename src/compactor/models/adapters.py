@@ -27,7 +27,9 @@ class Adapter:
         embed / final_norm / lm_head: dotted paths from the model root.
         attn: (q, k, v, o) projection names inside a layer.
         mlp: (gate, up, down) projection names inside a layer.
-        input_norm / post_attn_norm: norm names inside a layer.
+        input_norm / post_attn_norm: norm names inside a layer: the one feeding attention and
+            the one feeding the MLP (Gemma 2/3: ``pre_feedforward_layernorm``; their
+            ``post_attention_layernorm`` normalizes the attention output instead).
         sequential_groups: the true-sequential order in which a layer's linears are
             calibrated; a group's members share one input.
         smooth_pairs: (producer, consumers) pairs that an activation scale can be folded
@@ -37,6 +39,8 @@ class Adapter:
         heads_key / kv_heads_key: config keys for the number of attention / key-value heads.
         gguf_permute_qk: llama.cpp's converter interleaves the rows of q/k projections of
             this family for its RoPE layout; the GGUF exporter applies the same permutation.
+        gguf_keys: extra GGUF metadata from the config: (key after ``{arch}.``, config
+            attribute, GGUF value type); written when the attribute is set.
     """
 
     family: str
@@ -54,6 +58,7 @@ class Adapter:
     heads_key: str = "num_attention_heads"
     kv_heads_key: str = "num_key_value_heads"
     gguf_permute_qk: bool = False
+    gguf_keys: tuple[tuple[str, str, str], ...] = ()
     sequential_groups: tuple[tuple[str, ...], ...] = field(default=())
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
 
@@ -88,6 +93,12 @@ ADAPTERS: tuple[Adapter, ...] = (
     # input-norm -> q/k/v folding still holds), no q/k/v biases.
     Adapter("qwen3", ("qwen3",), "qwen3"),
     Adapter("gemma", ("gemma",), "gemma", norm_offset=1.0),
+    # Gemma 2: pre- and post-norms around attention and the MLP, logit soft-capping,
+    # sliding-window attention on every other layer (llama.cpp assumes the same pattern).
+    Adapter("gemma2", ("gemma2",), "gemma2", norm_offset=1.0, post_attn_norm="pre_feedforward_layernorm",
+            gguf_keys=(("attn_logit_softcapping", "attn_logit_softcapping", "FLOAT32"),
+                       ("final_logit_softcapping", "final_logit_softcapping", "FLOAT32"),
+                       ("attention.sliding_window", "sliding_window", "UINT32"))),
 )
 
 #: What a new family's entry must provide, quoted in the error for an unknown family.

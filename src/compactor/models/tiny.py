@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from transformers import (
     AutoModelForCausalLM,
+    Gemma2Config,
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
@@ -22,6 +23,7 @@ _CONFIGS = {
     "qwen2": Qwen2Config,
     "qwen3": Qwen3Config,
     "gemma": GemmaConfig,
+    "gemma2": Gemma2Config,
 }
 
 #: Byte-level vocabulary: 256 bytes + BOS + EOS.
@@ -46,6 +48,8 @@ def tiny_config(family: str = "llama", **overrides):
         eos_token_id=257,
         pad_token_id=257,
     )
+    if family == "gemma2":  # its attention scale and window, sized for the tiny model
+        kw.update(query_pre_attn_scalar=16, sliding_window=32)
     kw.update(overrides)
     return _CONFIGS[family](**kw)
 

@@ -37,7 +37,7 @@ class EvalSettings(StepConfig):
     tokens: int = 8192
     window: int = 512
     stride: int | None = None
-    bos: Literal["none", "prepend"] = "none"
+    bos: Literal["auto", "none", "prepend"] = "auto"  # auto: what the model's tokenizer does
     speed: bool = True
     after_each_stage: bool = True
 
