@@ -65,22 +65,22 @@ class Verification:
 
 
 class FileTensors:
-    """Tensors of a GGUF file, each dequantized by ``gguf.quants`` when asked for, as float32
-    ``[rows, cols]`` in the file's row order (the reader maps the file; nothing is held)."""
+    """Tensors of a GGUF file, each read with plain file I/O at its offset and dequantized by
+    ``gguf.quants`` when asked for, as float32 ``[rows, cols]`` in the file's row order —
+    not through the reader's memory map, whose touched pages would stay counted in RSS (a
+    whole 4 GB file, for an 8B model)."""
 
     def __init__(self, path: Path):
         import gguf
 
-        self.reader = gguf.GGUFReader(str(path))
-        self.by_name = {t.name: t for t in self.reader.tensors}
+        self.path = Path(path)
+        self.by_name = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
 
     def __getitem__(self, name: str) -> torch.Tensor:
-        from gguf.quants import dequantize
+        from compactor.models.gguf_convert import _read_tensor
 
-        t = self.by_name[name]
-        arr = dequantize(t.data, t.tensor_type)
-        return torch.from_numpy(np.array(arr, dtype=np.float32, copy=True)).reshape(
-            [int(d) for d in reversed(t.shape)] if len(t.shape) > 1 else [-1])
+        with open(self.path, "rb") as f:
+            return _read_tensor(f, self.by_name[name])
 
 
 def _unpermute(w: torch.Tensor, record, model, exp: GGUFExport) -> torch.Tensor:
@@ -156,13 +156,28 @@ def verify_gguf(model, exp: GGUFExport, windows, max_kld: float = MAX_KLD,
             for rec in rounded:
                 w = _unpermute(file_t[rec.name], rec, model, exp)
                 expected.get_parameter(rec.source).copy_(w.to(expected.get_parameter(rec.source).dtype))
+    if streamed:
+        # The streamed model's logits first, cached on disk, so the model (layer by layer) and
+        # llama.cpp's copy of the file are never in memory together.
+        import tempfile
+
+        from compactor.evaluate.backends import CachedBackend
+        from compactor.evaluate.harness import as_backend
+
+        cache_dir = tempfile.mkdtemp(prefix=".verify-logits-", dir=str(exp.path.parent))
+        expected = CachedBackend(as_backend(expected), directory=cache_dir)
+        for _ in expected.iter_logits(windows.input_ids):
+            pass
+        loaded.store.overrides = {}
     runtime = LlamaCppBackend(exp.path, n_ctx=max(1024, windows.length + 160), name=exp.path.name)
     try:
         res = evaluate(runtime, windows, reference=expected, speed=False, progress=progress)
     finally:
         runtime.close()
         if streamed:
-            expected.store.overrides = {}
+            import shutil
+
+            shutil.rmtree(cache_dir, ignore_errors=True)
     ok = err <= TENSOR_RTOL and res.kld_mean <= max_kld and res.top1 >= min_top1
     return Verification(str(exp.path), n, err, worst, res.kld_mean, res.kld_p99, res.top1,
                         res.tokens, max_kld, min_top1, ok)
