@@ -40,3 +40,32 @@ def test_rounds_compound_and_control_runs(text_file, tok):
     # the model ends as the last ticket: its zeros are exactly the mask's
     for n, p in prunable(m).items():
         assert bool((p[~res.masks[n]] == 0).all())
+
+
+def test_every_arm_gets_the_same_updates_and_batches(text_file, tok, monkeypatch):
+    """Dense, rewound ticket and control: the same number of optimizer updates over the same
+    batches of the seeded stream (the ticket's first rewind_step updates are the dense ones)."""
+    import compactor.prune.lottery as lot
+
+    ids = windows_for(tok, str(text_file), 32).input_ids
+    cfg = LotteryConfig(rounds=1, prune_per_round=0.5, steps=6, rewind_step=2, batch=4)
+    seen: list[list] = []
+    real = lot._loss
+
+    def spy(model, batch):
+        if model.training:  # updates, not evaluations
+            seen[-1].append(batch[:, :4].tolist())
+        return real(model, batch)
+
+    real_train = lot.train_masked
+
+    def train(*a, **kw):
+        seen.append([])
+        return real_train(*a, **kw)
+
+    monkeypatch.setattr(lot, "_loss", spy)
+    monkeypatch.setattr(lot, "train_masked", train)
+    lot.lottery_ticket(_fresh(0), ids[4:], ids[:4], cfg, make_fresh=lambda: _fresh(1))
+    dense, ticket, control = seen
+    assert len(dense) == len(control) == 6 and len(ticket) == 6 - 2
+    assert ticket == dense[2:] and control == dense  # no batch replayed, none skipped

@@ -84,15 +84,19 @@ def eval_loss(model, ids: torch.Tensor, batch: int = 32) -> float:
 
 def train_masked(model, ids: torch.Tensor, steps: int, lr: float, batch: int, seed: int,
                  masks: dict[str, torch.Tensor] | None = None, save_at: int | None = None,
-                 desc: str = "train") -> dict[str, torch.Tensor] | None:
-    """Train ``model`` on windows ``ids [N, T]``; pruned weights stay exactly zero. Returns
-    the state dict at step ``save_at`` (for rewinding) if asked."""
+                 desc: str = "train", start_step: int = 0) -> dict[str, torch.Tensor] | None:
+    """Train ``model`` on windows ``ids [N, T]`` for steps ``start_step .. steps - 1`` of the
+    seeded batch stream (a rewound ticket continues where its rewind point was, so every arm
+    sees the same batches and makes the same number of updates); pruned weights stay
+    exactly zero. Returns the state dict at step ``save_at`` (for rewinding) if asked."""
     params = prunable(model)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
+    for _ in range(start_step):  # the batches the rewound weights were already trained on
+        torch.randint(0, len(ids), (batch,), generator=g)
     saved = copy.deepcopy(model.state_dict()) if save_at == 0 else None
     model.train()
-    for step in tqdm(range(steps), desc=desc, leave=False):
+    for step in tqdm(range(start_step, steps), desc=desc, leave=False):
         idx = torch.randint(0, len(ids), (batch,), generator=g)
         opt.zero_grad(set_to_none=True)
         _loss(model, ids[idx]).backward()
@@ -137,7 +141,10 @@ def lottery_ticket(model, train_ids: torch.Tensor, eval_ids: torch.Tensor, cfg: 
         with torch.no_grad():
             for n, p in prunable(model).items():
                 p.mul_(masks[n])
-        train_masked(model, train_ids, cfg.steps, cfg.lr, cfg.batch, cfg.seed, masks, desc=f"ticket {r + 1}")
+        # From the rewind point on: rewind_step dense + (steps - rewind_step) masked updates,
+        # the same batches and the same count as the dense run and the control.
+        train_masked(model, train_ids, cfg.steps, cfg.lr, cfg.batch, cfg.seed, masks, desc=f"ticket {r + 1}",
+                     start_step=cfg.rewind_step)
         rnd = Round(sparsity=1 - keep, ticket_loss=eval_loss(model, eval_ids))
         if cfg.control and make_fresh is not None:
             ctrl = make_fresh()
