@@ -37,7 +37,8 @@ def write_result(name: str, title: str, body: str) -> Path:
     except OSError:
         rev = "?"
     text = (f"# {title}\n\nRegenerate: `{cmd}`  \nMachine: {machine()}  \n"
-            f"Commit: {rev}, {time.strftime('%Y-%m-%d')}\n\n{body}\n")
+            f"Rendered at commit {rev}, {time.strftime('%Y-%m-%d')} (where rows list their runs, those "
+            f"say which code measured them)\n\n{body}\n")
     path = RESULTS / f"{name}.md"
     path.write_text(text)
     return path

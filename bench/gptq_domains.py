@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import time
 
 import torch
@@ -99,12 +100,14 @@ def main() -> None:
             calib_cache[(spec, n)] = windows_for(ref.tokenizer, spec, 512, max_tokens=n * 512)
         calib = calib_cache.get((spec, n))
         model = copy.deepcopy(ref.model)
+        load = os.getloadavg()[0]
         t0 = time.perf_counter()
         compress(model, method, calib, settings, dtype)
         seconds = time.perf_counter() - t0
         r = evaluate(model, win, reference=cached, speed=False, name=name, progress=False)
         rec = {"row": name, "method": method, "calibration": spec, "calibration_windows": n,
-               "settings": settings, "seconds": round(seconds, 1), "kld_mean": r.kld_mean,
+               "settings": settings, "seconds": round(seconds, 1), "load_before": round(load, 2),
+               "kld_mean": r.kld_mean,
                "ppl": r.ppl, "domains": r.domains,
                "eval": {s: {"windows": len(w), "tokens_scored": w.n_scored} for s, w in win.items()},
                "calibration_dtype": str(dtype).replace("torch.", ""), "prov": provenance()}
@@ -121,7 +124,7 @@ def _write(records: list[dict]) -> None:
     specs = list(records[0]["domains"])
     calibrated = {r["calibration"] for r in records if r["calibration"]}
     head = ("| row | method | calibration | settings | " + " | ".join(f"{s} KLD" for s in specs)
-            + " | mean KLD | s | run |\n|" + "---|" * (len(specs) + 7) + "\n")
+            + " | mean KLD | wall s | load before | run |\n|" + "---|" * (len(specs) + 8) + "\n")
     lines = []
     for r in records:
         kl = [r["domains"][s]["kld_mean"] for s in specs]
@@ -129,7 +132,7 @@ def _write(records: list[dict]) -> None:
         cal = f"{r['calibration']} x {r['calibration_windows']}" if r["calibration"] else "none"
         lines.append(f"| {r['row']} | {r['method']} | {cal} | {settings} | "
                      + " | ".join(f"{k:.4f}" for k in kl) + f" | {sum(kl) / len(kl):.4f} | "
-                     f"{r['seconds']:.0f} | {prov_ref(records, r)} |")
+                     f"{r['seconds']:.0f} | {r.get('load_before', 'not recorded')} | {prov_ref(records, r)} |")
     ev = records[0]["eval"]
     body = (
         "Q4_0 on the decoder linears (embedding and tied head float) for the rtn/gptq rows; "
@@ -140,7 +143,9 @@ def _write(records: list[dict]) -> None:
         + f". Calibration sets used: {', '.join(sorted(calibrated))}; c:eval (Linux C headers) "
         "is in no calibration set. Forward passes of calibration in "
         f"{records[0]['calibration_dtype']}. Settings not listed are the defaults (damping 0.01, "
-        "diag_mix 0, act-order, importance-weighted scale search on GGUF grids).\n\n"
+        "diag_mix 0, act-order, importance-weighted scale search on GGUF grids). Wall seconds are the "
+        "compression's, with the 1-minute load average before it where recorded (above ~0.5 another "
+        "job shared the 2 cores: not a speed figure).\n\n"
         + head + "\n".join(lines) + "\n\nRuns:\n" + provenance_lines(records)
     )
     write_result("gptq_domains", "GPTQ / SparseGPT / Wanda across domains (SmolLM2-135M)", body)
