@@ -19,7 +19,7 @@ def test_round_trip_yaml():
 @pytest.mark.parametrize("data,match", [
     ({**BASE, "modle": "x"}, "unknown key 'modle'; allowed keys: model"),
     ({**BASE, "eval": {"tokenz": 5}}, "eval: unknown key 'tokenz'; allowed keys: data, tokens"),
-    ({**BASE, "eval": {"bos": "always"}}, "eval.bos: got 'always', expected one of 'none', 'prepend'"),
+    ({**BASE, "eval": {"bos": "always"}}, "eval.bos: got 'always', expected one of 'auto', 'none', 'prepend'"),
     ({**BASE, "eval": {"tokens": "many"}}, "eval.tokens: got 'many'"),
     ({**BASE, "eval": {"tokens": 10}}, r"eval.tokens \(10\) must be >= eval.window"),
     ({**BASE, "stages": [{"name": "s", "steps": [{"evaluate": {"sorce": "x"}}]}]},
