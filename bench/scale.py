@@ -52,12 +52,13 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
                           env={**os.environ, **(env or {})})
     wall = time.perf_counter() - t0
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
-    if proc.returncode != 0:
-        raise SystemExit(f"failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     plan = re.search(r"estimated peak RSS\s+([\d.]+ [GM]B)", proc.stderr)
+    err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    # A failed run is a result too: recorded with its exit code and message, not dropped.
     return {"seconds": round(wall, 1), "peak_rss_bytes": int(m.group(1)) * 1024 if m else None,
             "planned_peak": plan.group(1) if plan else None, "command": " ".join(cmd[2:]),
-            "load_before": round(load, 2)}
+            "load_before": round(load, 2), "exit_code": proc.returncode,
+            "error": err[-1][:400] if err else (None if proc.returncode == 0 else proc.stderr[-400:])}
 
 
 def same_outputs(a: Path, b: Path) -> dict:
@@ -194,7 +195,8 @@ def _write(records: list[dict]) -> None:
         rows = []
         for r in syn:
             per_layer = r["seconds"] / r["layers"] if r.get("step") != "make" else None
-            rows.append(f"| {r['step']} | {r['layers']} | {r.get('windows', '')} | {r['seconds']:.0f} | "
+            status = "" if not r.get("exit_code") else f" (FAILED: {r['error']})"
+            rows.append(f"| {r['step']}{status} | {r['layers']} | {r.get('windows', '')} | {r['seconds']:.0f} | "
                         f"{'' if per_layer is None else f'{per_layer:.1f}'} | {_gb(r.get('peak_rss_bytes'))} | "
                         f"{r.get('planned_peak') or ''} | {_gb(r.get('disk_bytes'))} | {r.get('load_before', '')} | "
                         f"{prov_ref(records, r)} |")
