@@ -68,6 +68,20 @@ def same_outputs(a: Path, b: Path) -> dict:
     return {"files_compared": len(names), "files_differing": diff}
 
 
+def codes_differing(a: Path, b: Path) -> dict:
+    """How many integer codes differ between two quantized outputs, and in how many modules."""
+    from compactor.quant.storage import _read_module_tensors, read_manifest
+
+    ma, mb = read_manifest(a), read_manifest(b)
+    diff = total = mods = 0
+    for n, e in ma.items():
+        ta = _read_module_tensors(a, e, n, [f"{n}.codes"])[f"{n}.codes"]
+        tb = _read_module_tensors(b, mb[n], n, [f"{n}.codes"])[f"{n}.codes"]
+        d = int((ta != tb).sum())
+        diff, total, mods = diff + d, total + ta.numel(), mods + (d > 0)
+    return {"codes_differing": diff, "codes": total, "modules_differing": mods, "modules": len(ma)}
+
+
 def du(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -164,7 +178,7 @@ def part_torchrun(records, args) -> None:
                   env={"OMP_NUM_THREADS": str(max(1, 2 // n))})
         record(records, key, part="torchrun", processes=n, **r)
     record(records, "torchrun identity", part="torchrun", processes=0,
-           **same_outputs(WORK / "torchrun-1", WORK / "torchrun-2"))
+           **same_outputs(WORK / "torchrun-1", WORK / "torchrun-2"), **codes_differing(WORK / "torchrun-1", WORK / "torchrun-2"))
 
 
 def _gb(b) -> str:
@@ -209,11 +223,14 @@ def _write(records: list[dict]) -> None:
     if tr:
         ident = by.get("torchrun identity", {})
         out.append("## torchrun, SmolLM2 GPTQ Q4_0 (128 x 512), gloo on this 2-core machine\n\n"
-                   "| processes | threads each | wall s | peak RSS GB (process tree) | run |\n|---|---|---|---|---|\n"
+                   "| processes | threads each | wall s | peak RSS GB (largest process of the tree) | run |\n|---|---|---|---|---|\n"
                    + "\n".join(f"| {r['processes']} | {max(1, 2 // r['processes'])} | {r['seconds']:.0f} | "
                                f"{_gb(r['peak_rss_bytes'])} | {prov_ref(records, r)} |" for r in tr)
                    + f"\n\nOutputs: {ident.get('files_compared', '?')} files compared, differing: "
-                   f"{ident.get('files_differing', '?') or 'none'}.\n")
+                   f"{ident.get('files_differing', '?') or 'none'}"
+                   + (f"; {ident['codes_differing']:,} of {ident['codes']:,} codes differ "
+                      f"({ident['codes_differing'] / ident['codes']:.2%}) in {ident['modules_differing']} of "
+                      f"{ident['modules']} modules" if "codes" in ident else "") + ".\n")
     write_result("scale", "Scale: streaming, a synthetic >7B model, torchrun",
                  "Peak RSS: `/usr/bin/time -v`'s maximum resident set size of the whole command "
                  "(process tree). 'load before': the 1-minute load average when the run started "
