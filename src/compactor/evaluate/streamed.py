@@ -18,10 +18,6 @@ from compactor.models.adapters import decoder_layers
 from compactor.models.load import LoadedModel
 
 
-def _out(result):
-    return result[0] if isinstance(result, tuple) else result
-
-
 class StreamedBackend:
     """A streamed :class:`LoadedModel` as an evaluation backend (``iter_logits``)."""
 
@@ -38,7 +34,7 @@ class StreamedBackend:
     @torch.inference_mode()
     def iter_logits(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
         """``input_ids [N, L]`` -> float32 logits ``[L, V]`` for each window, in order."""
-        from compactor.calibration.sequential import _capture_layer0
+        from compactor.calibration.sequential import _capture_layer0, _out
         from compactor.data.windows import TokenWindows
 
         lm, a = self.loaded, self.loaded.adapter

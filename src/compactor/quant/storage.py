@@ -174,19 +174,25 @@ def _write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def _read_module_tensors(directory: Path, entry: dict, n: str, names: list[str]) -> dict:
+def _codes_index(directory: Path) -> dict[str, str]:
+    """tensor -> shard of the codes index (``{}`` for older single-file outputs)."""
+    index = Path(directory) / CODES_INDEX
+    if not index.exists():
+        return {}
+    try:
+        return json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise CompactorError(f"{index}: not a safetensors index ({exc})") from None
+
+
+def _read_module_tensors(directory: Path, entry: dict, n: str, names: list[str],
+                         where: dict[str, str] | None = None) -> dict:
     """The named tensors of one quantized module, each from the shard the codes index
     (``quantization.safetensors.index.json``) puts it in — a module's tensors may straddle a
     shard boundary — or from the entry's single file in older outputs."""
     from safetensors import safe_open
 
-    index = Path(directory) / CODES_INDEX
-    where: dict[str, str] = {}
-    if index.exists():
-        try:
-            where = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise CompactorError(f"{index}: not a safetensors index ({exc})") from None
+    where = _codes_index(directory) if where is None else where
     default = entry.get("file", TENSORS)
     by_file: dict[str, list[str]] = {}
     for k in names:
@@ -221,6 +227,7 @@ def restore_quantization(model, directory: Path, lm_head: str = "lm_head", prefi
     Tensors are read module by module, so a streamed layer reads only its own codes."""
     path = Path(directory) / MANIFEST
     manifest = read_manifest(directory)
+    where = _codes_index(directory) if manifest else {}  # read once for all modules
     restored = 0
     for full, info in manifest.items():
         if prefix is not None and not full.startswith(prefix):
@@ -230,7 +237,7 @@ def restore_quantization(model, directory: Path, lm_head: str = "lm_head", prefi
             extra = list(info["extra"])
             names = [f"{full}.{k}" for k in ("codes", "scale", "offset", "codebook")] + \
                 [f"{full}.extra.{k}" for k in extra]
-            t = _read_module_tensors(directory, info, full, names)
+            t = _read_module_tensors(directory, info, full, names, where)
             lin = model.get_submodule(n)
             qp = QParams(t[f"{full}.scale"], t.get(f"{full}.offset"), info["block"], info["qmin"],
                          info["qmax"], t.get(f"{full}.codebook"),
