@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import RESULTS, write_result
+from _common import RESULTS, prov_ref, provenance, provenance_lines, write_result
 
 from compactor.data.windows import windows_for
 from compactor.distill.config import DistillConfig
@@ -64,6 +64,7 @@ def main() -> None:
     if a.table_only:
         return render(list(done.values()), a.lr)
 
+    provenance()  # taken now: the code this process runs
     teacher = load_model("smollm2-135m")
     tok = teacher.tokenizer
     calib = windows_for(tok, "austen:calib", 512, max_tokens=32 * 512)
@@ -89,11 +90,19 @@ def main() -> None:
                        work, teacher_model=teacher.model, eval_windows=ev)
         res = tr.train(resume=work.exists())
         before = next((r["before"] for r in rows if "before" in r), None) or res.evals[0]
-        row = {"row": name, "losses": ROWS[name], "tokens": res.tokens, "steps": res.steps,
-               "train_seconds": round(res.seconds, 1), "tok_s": round(res.tokens_per_s, 1),
+        row = {"row": name, "losses": ROWS[name], "tokens": res.tokens, "steps": res.steps, "lr": a.lr,
+               "train_seconds": round(res.seconds, 1),
+               # two throughputs, each labelled: training tokens over the run's wall time
+               # (evaluations and checkpoint writes included), and over optimizer steps only
+               "tok_s_wall": round(res.tokens / res.seconds, 1), "tok_s_step": round(res.tokens_per_s, 1),
                "precision": "bf16" if tr.autocast else "fp32", "resumed_from": res.resumed_from,
                "params": sum(p.numel() for p in student.parameters()),
-               "before": before, "after": res.evals[-1], "dropped": dropped}
+               "before": before, "after": res.evals[-1], "dropped": dropped,
+               "teacher_params": sum(p.numel() for p in teacher.model.parameters()), "layers": n,
+               "selection_windows": len(calib), "window": cfg.window, "batch": cfg.batch,
+               "warmup": cfg.warmup, "schedule": "linear warm-up + cosine",
+               "checkpoint_every": cfg.checkpoint_every, "eval_tokens": a.eval_tokens,
+               "prov": provenance()}
         rows.append(row)
         JSON.write_text(json.dumps(rows, indent=1))
         print(name, row["after"], row["tok_s"], flush=True)
@@ -103,30 +112,46 @@ def main() -> None:
 
 
 def render(rows: list[dict], lr: float) -> None:
-    """Write bench/results/distill.md from the rows."""
+    """Write bench/results/distill.md from the rows (every figure from a recorded field; rows
+    recorded before a field existed say "not recorded")."""
     ce = next((r for r in rows if r["row"] == "ce"), None)
-    b = rows[0]["before"]
-    lines = [f"Teacher: SmolLM2-135M-Instruct (dequantized bundled GGUF), 134,515,008 "
+    b, r0 = rows[0]["before"], rows[0]
+    nr = "not recorded"
+    tparams = f"{r0['teacher_params']:,}" if "teacher_params" in r0 else nr
+    layers = r0.get("layers", nr)
+    lines = [f"Teacher: SmolLM2-135M-Instruct (dequantized bundled GGUF), {tparams} "
              f"params, PPL {b['teacher_ppl']:.2f} on {b['tokens']:,} Austen eval tokens.  ",
-             f"Student: layers {rows[0]['dropped']} dropped (15 of 30, lowest block influence), "
-             f"{rows[0]['params']:,} params; before training PPL {b['ppl']:.2f}, KLD {b['kld']:.3f}, "
+             f"Student: layers {r0['dropped']} dropped ({len(r0['dropped'])} of {layers}, lowest block "
+             f"influence on {r0.get('selection_windows', nr)} calibration windows), "
+             f"{r0['params']:,} params; before training PPL {b['ppl']:.2f}, KLD {b['kld']:.3f}, "
              f"top-1 {100 * b['top1']:.1f} %.  ",
-             f"Budget per row: {rows[0]['tokens']:,} training tokens (Austen train split, 256-token windows, "
-             f"batch 8, AdamW lr {lr}, 5 % warm-up + cosine), {rows[0]['precision']} autocast.", "",
-             "| objective | PPL after | KLD vs teacher after | top-1 after | KLD / CE-only | tok/s over the run's wall time | wall |",
-             "|---|---|---|---|---|---|---|",
-             f"| (student before training) | {b['ppl']:.2f} | {b['kld']:.3f} | {100 * b['top1']:.1f} % | — | — | — |"]
+             f"Budget per row: {r0['tokens']:,} training tokens (Austen train split, "
+             f"{r0.get('window', nr)}-token windows, batch {r0.get('batch', nr)}, AdamW lr {r0.get('lr', lr)}, "
+             f"{r0.get('warmup', nr)} warm-up steps, {r0.get('schedule', 'schedule ' + nr)}), "
+             f"{r0['precision']} autocast.", "",
+             "| objective | PPL after | KLD vs teacher after | top-1 after | KLD / CE-only "
+             "| tok/s, wall time | tok/s, optimizer steps | wall | run |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| (student before training) | {b['ppl']:.2f} | {b['kld']:.3f} | {100 * b['top1']:.1f} % "
+             "| — | — | — | — | |"]
     for r in rows:
         aft = r["after"]
         ratio = f"{aft['kld'] / ce['after']['kld']:.2f}" if ce else "—"
+        step = f"{r['tok_s_step']:.0f}" if "tok_s_step" in r else nr
         lines.append(f"| {r['row']} | {aft['ppl']:.2f} | {aft['kld']:.3f} | {100 * aft['top1']:.1f} % | {ratio} "
-                     f"| {r['tok_s']:.0f} | {r['train_seconds'] / 60:.1f} min |")
-    lines += ["", "The tok/s column divides training tokens by the whole run's wall time, which here includes "
-              "the before/after evaluations (16k tokens, student and teacher) and 8 checkpoint writes; "
-              "`distill_speed.md` has the step throughput of each objective measured back to back."]
+                     f"| {r['tokens'] / r['train_seconds']:.0f} | {step} | {r['train_seconds'] / 60:.1f} min "
+                     f"| {prov_ref(rows, r) or nr} |")
+    lines += ["", "tok/s, wall time: training tokens over the row's whole wall time, which includes its "
+              "before/after evaluations and checkpoint writes. tok/s, optimizer steps: the same tokens "
+              "over the time spent in optimizer steps only. `distill_speed.md` has the step throughput "
+              "of each objective measured back to back in one process (the ratios there are the "
+              "comparable figure on this shared machine)."]
     notes = [f"* {r['row']}: {r['note']}" for r in rows if r.get("note")]
     if notes:
         lines += ["", "Conditions:", ""] + notes
+    runs = provenance_lines(rows)
+    lines += ["", "Runs:", "", runs or "- rows recorded before per-row provenance (see the git history "
+              "of distill.json)"]
     write_result("distill", "Distillation: half-depth SmolLM2 student, CE vs KD vs KD+hidden vs GJSD",
                  "\n".join(lines))
 

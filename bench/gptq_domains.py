@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -59,18 +60,18 @@ DOMAINS = "domains"
 JSON = RESULTS / "gptq_domains.json"
 
 
-def compress(model, method, calib, settings, dtype) -> None:
+def compress(model, method, calib, settings, dtype) -> dict:
+    """Compress ``model`` in place; returns the full configuration it ran with."""
     if method == "rtn":
-        quantize_(model, RTNConfig(grid="q4_0"))
-    elif method == "gptq":
-        run_sequential(model, calib, apply_gptq, GPTQConfig(grid="q4_0", **settings), dtype=dtype,
-                       progress=False)
-    elif method == "wanda":
-        run_sequential(model, calib, apply_wanda, WandaConfig(sparsity=0.5, **settings), dtype=dtype,
-                       progress=False)
-    else:
-        run_sequential(model, calib, apply_sparsegpt, SparseGPTConfig(sparsity=0.5, **settings),
-                       dtype=dtype, progress=False)
+        cfg = RTNConfig(grid="q4_0")
+        quantize_(model, cfg)
+        return dataclasses.asdict(cfg)
+    make, apply = {"gptq": (lambda: GPTQConfig(grid="q4_0", **settings), apply_gptq),
+                   "wanda": (lambda: WandaConfig(sparsity=0.5, **settings), apply_wanda),
+                   "sparsegpt": (lambda: SparseGPTConfig(sparsity=0.5, **settings), apply_sparsegpt)}[method]
+    cfg = make()
+    run_sequential(model, calib, apply, cfg, dtype=dtype, progress=False)
+    return dataclasses.asdict(cfg)
 
 
 def main() -> None:
@@ -102,11 +103,11 @@ def main() -> None:
         model = copy.deepcopy(ref.model)
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
-        compress(model, method, calib, settings, dtype)
+        config = compress(model, method, calib, settings, dtype)
         seconds = time.perf_counter() - t0
         r = evaluate(model, win, reference=cached, speed=False, name=name, progress=False)
         rec = {"row": name, "method": method, "calibration": spec, "calibration_windows": n,
-               "settings": settings, "seconds": round(seconds, 1), "load_before": round(load, 2),
+               "settings": settings, "config": config, "seconds": round(seconds, 1), "load_before": round(load, 2),
                "kld_mean": r.kld_mean,
                "ppl": r.ppl, "domains": r.domains,
                "eval": {s: {"windows": len(w), "tokens_scored": w.n_scored} for s, w in win.items()},
@@ -116,6 +117,15 @@ def main() -> None:
         print(name, {s: round(d["kld_mean"], 4) for s, d in r.domains.items()}, flush=True)
         del model
         _write(records)
+
+
+def _defaults(records: list[dict]) -> str:
+    """What "defaults" meant, from the rows that recorded their full configuration."""
+    full = [r["config"] for r in records if r.get("config") and r["method"] == "gptq" and not r["settings"]]
+    if not full:
+        return ("Settings not listed are GPTQConfig's defaults at the row's commit (these rows did "
+                "not record the full configuration).")
+    return "GPTQ defaults as recorded: " + ", ".join(f"{k}={v}" for k, v in full[0].items()) + "."
 
 
 def _write(records: list[dict]) -> None:
@@ -142,8 +152,7 @@ def _write(records: list[dict]) -> None:
                     for s, v in ev.items())
         + f". Calibration sets used: {', '.join(sorted(calibrated))}; c:eval (Linux C headers) "
         "is in no calibration set. Forward passes of calibration in "
-        f"{records[0]['calibration_dtype']}. Settings not listed are the defaults (damping 0.01, "
-        "diag_mix 0, act-order, importance-weighted scale search on GGUF grids). Wall seconds are the "
+        f"{records[0]['calibration_dtype']}. {_defaults(records)} Wall seconds are the "
         "compression's, with the 1-minute load average before it where recorded (above ~0.5 another "
         "job shared the 2 cores: not a speed figure).\n\n"
         + head + "\n".join(lines) + "\n\nRuns:\n" + provenance_lines(records)

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
+import os
 import time
 
 import torch
-from _common import RESULTS, write_result
+from _common import RESULTS, prov_ref, provenance, provenance_lines, write_result
 
 from compactor.api import quantize_
 from compactor.calibration.sequential import calibration_dtype, run_sequential
@@ -58,22 +60,31 @@ def linear_bpw(model) -> tuple[float, dict]:
     return bits / n, {g: round(c / n, 3) for g, c in mix.items()}
 
 
-def quantize(model, method, kw, calib, dtype):
+def quantize(model, method, kw, calib, dtype) -> dict:
+    """Quantize ``model`` in place; returns every setting used, by step (recorded per row)."""
+    used = {}
     if method in W8A8:
         if method.startswith("sq+"):
-            run_sequential(model, calib, apply_smoothquant, SmoothQuantConfig(alpha=0.5), dtype=dtype,
-                           progress=False)
+            sq = SmoothQuantConfig(alpha=0.5)
+            run_sequential(model, calib, apply_smoothquant, sq, dtype=dtype, progress=False)
+            used["smoothquant"] = dataclasses.asdict(sq)
+        used["w8a8"] = {"activations": method.rsplit("_", 1)[1], "weights": "int8 per-channel symmetric RTN"}
         w8a8_(model, calib, method.rsplit("_", 1)[1])
-        return
+        return used
     if method == "rtn":
-        quantize_(model, RTNConfig(**kw))
-        return
+        cfg = RTNConfig(**kw)
+        quantize_(model, cfg)
+        return {"rtn": dataclasses.asdict(cfg)}
     if method in ("awq", "awq+clip", "awq+gptq"):
         then = "none" if method == "awq+gptq" else "rtn"
         cfg = AWQConfig(then=then, clip=method == "awq+clip", **kw)
         run_sequential(model, calib, apply_awq, cfg, dtype=dtype, progress=False)
+        used["awq"] = dataclasses.asdict(cfg)
     if method in ("gptq", "awq+gptq"):
-        run_sequential(model, calib, apply_gptq, GPTQConfig(**kw), dtype=dtype, progress=False)
+        cfg = GPTQConfig(**kw)
+        run_sequential(model, calib, apply_gptq, cfg, dtype=dtype, progress=False)
+        used["gptq"] = dataclasses.asdict(cfg)
+    return used
 
 
 def main() -> None:
@@ -89,45 +100,48 @@ def main() -> None:
     args = ap.parse_args()
     dtype = calibration_dtype(args.dtype)
     if args.table_only:
-        records = json.loads((RESULTS / "quant_quality.json").read_text())
-        _write(args, dtype, ref_ppl=records[-1]["ref_ppl"], rows=None, records=records,
-               win=[None] * 16, calib=[None] * args.calib_samples)
-        return
+        return _write(json.loads((RESULTS / "quant_quality.json").read_text()))
+    provenance()
     ref = load_model("smollm2-135m")
     win = windows_for(ref.tokenizer, "austen:eval", 512, max_tokens=args.eval_tokens)
     calib = windows_for(ref.tokenizer, "austen:calib", 512, max_tokens=args.calib_samples * 512)
-    rows, records = [], []
+    records = []
     if args.append and (RESULTS / "quant_quality.json").exists():
         records = json.loads((RESULTS / "quant_quality.json").read_text())
-        rows = [_row(r) for r in records]
     for g in args.grids:
         for method in args.methods:
             if (method in W8A8) != (g == "int8_ch"):
                 continue  # W8A8 rows only on int8_ch, weight-only methods on the others
             model = copy.deepcopy(ref.model)
             reset_peak_rss()
+            load = os.getloadavg()[0]
             t0 = time.perf_counter()
-            quantize(model, method, GRIDS[g], calib, dtype)
+            used = quantize(model, method, GRIDS[g], calib, dtype)
             wall = time.perf_counter() - t0
             rss = peak_rss_bytes()
             bpw, mix = linear_bpw(model)
             r = evaluate(model, win, reference=ref.model, speed=False, name=f"{g} {method}", progress=False)
             rec = dict(grid=g, method=method, linear_bpw=bpw, mix=mix, size_mb=r.size_bytes / 1e6,
                        ppl=r.ppl, ref_ppl=r.ref_ppl, kld_mean=r.kld_mean, kld_p99=r.kld_p99,
-                       top1=r.top1, seconds=wall, peak_rss_gb=rss / 1e9)
+                       top1=r.top1, seconds=wall, peak_rss_gb=rss / 1e9, settings=used,
+                       load_before=round(load, 2), eval_windows=len(win), eval_window=512,
+                       eval_split="austen:eval", calib_split="austen:calib", calib_windows=len(calib),
+                       calib_dtype=str(dtype).replace("torch.", ""), bos=False,
+                       outer_dtype=str(next(ref.model.parameters()).dtype).replace("torch.", ""),
+                       prov=provenance())
             # A re-measured (grid, method) replaces its earlier row.
             records = [x for x in records if (x["grid"], x["method"]) != (g, method)] + [rec]
-            rows = [_row(x) for x in records]
-            print(rows[-1], flush=True)
+            print(_row(records, rec), flush=True)
             del model
-            _write(args, dtype, ref_ppl=r.ref_ppl, rows=rows, records=records, win=win, calib=calib)
+            _write(records)
 
 
-def _row(r: dict) -> str:
+def _row(records: list[dict], r: dict) -> str:
     mix = ", ".join(f"{k} {v:.0%}" for k, v in r["mix"].items())
     return (f"| {r['grid']} | {r['method']} | {r['linear_bpw']:.2f} | {mix} | {r['ppl']:.3f} | "
             f"{r['kld_mean']:.4f} | {r['kld_p99']:.3f} | {100 * r['top1']:.1f}% | {r['seconds']:.0f} | "
-            f"{r['peak_rss_gb']:.2f} |")
+            f"{r.get('load_before', 'not recorded')} | {r['peak_rss_gb']:.2f} | "
+            f"{prov_ref(records, r) or 'not recorded'} |")
 
 
 def _order(r: dict) -> tuple[int, int]:
@@ -135,31 +149,48 @@ def _order(r: dict) -> tuple[int, int]:
     return list(GRIDS).index(r["grid"]), methods.index(r["method"])
 
 
-def _write(args, dtype, ref_ppl, rows, records, win, calib):
-    rows = [_row(r) for r in sorted(records, key=_order)]  # grouped by grid, then method
+def _settings_line(records: list[dict]) -> str:
+    """The settings each method ran with, from the rows that recorded them (one line per
+    distinct setting set), so the table never restates defaults from code."""
+    seen = {}
+    for r in records:
+        for step, cfg in r.get("settings", {}).items():
+            key = json.dumps(cfg, sort_keys=True)
+            seen.setdefault((step, key), []).append(f"{r['grid']} {r['method']}")
+    if not seen:
+        return "Settings: not recorded by these rows (they predate per-row settings)."
+    return "Settings, as recorded per row:\n\n" + "\n".join(
+        f"- {step}: `{key}` ({len(rows)} rows)" for (step, key), rows in seen.items())
+
+
+def _write(stored: list[dict]) -> None:
+    records = sorted(stored, key=_order)  # rendered grouped by grid, then method
+    nr = "not recorded"
+    r0 = next((r for r in records if "eval_windows" in r), {})
+    ref_ppl = sorted({round(r["ref_ppl"], 3) for r in records})
     body = (
-        f"Decoder linears quantized (embedding and tied head stay float32). Evaluation: Austen "
-        f"eval split (Persuasion), {len(win)} windows x 512 tokens, no BOS; reference PPL "
-        f"{ref_ppl:.3f}. Calibration: Austen calib split (Sense and Sensibility), "
-        f"{len(calib)} x 512 tokens, forward passes in {str(dtype).replace('torch.', '')}. "
-        "GPTQ: activation order with static groups, importance-weighted scale search on GGUF grids, damping 0.01, true-sequential. RTN: plain min/max fit (llama.cpp's rounding on the legacy GGUF grids). AWQ: 20-point alpha grid, 1024 "
-        "sampled tokens per pair; the v->o pair is skipped (grouped-query attention); awq+clip "
-        "adds the per-group clipping search (20 ratios down to 0.5, q/k projections skipped). "
-        "W8A8 rows: int8 per-channel symmetric weights (RTN) and int8 activations, per token "
-        "(dynamic) or one calibrated absmax per tensor (static), optionally after SmoothQuant "
-        "(alpha 0.5), simulated in float.\n\n"
+        f"Decoder linears quantized (embedding and tied head stay {r0.get('outer_dtype', nr)}). "
+        f"Evaluation: {r0.get('eval_split', 'austen:eval')} (Persuasion), {r0.get('eval_windows', nr)} "
+        f"windows x {r0.get('eval_window', nr)} tokens, BOS {r0.get('bos', nr)}; reference PPL "
+        f"{', '.join(map(str, ref_ppl))}. Calibration: {r0.get('calib_split', nr)} (Sense and "
+        f"Sensibility), {r0.get('calib_windows', nr)} x 512 tokens, forward passes in "
+        f"{r0.get('calib_dtype', nr)}.\n\n" + _settings_line(records) + "\n\n"
         "int3_g64 stands in for the int3 g128 grid: 128 does not divide SmolLM2's 576-wide "
         "rows. quantize s / peak RSS: the whole bench process, which also holds the float "
-        "reference; the GPTQ speed and memory target is measured alone in gptq_speed.md.\n\n"
+        "reference; the GPTQ speed and memory target is measured alone in gptq_speed.md. Load "
+        "before: the 1-minute load average when the row started (above ~0.5 another job shared "
+        "the 2 cores).\n\n"
         "Caveat: the float reference is the dequantized Q4_1 GGUF, so every decoder weight "
         "already lies on an asymmetric 4-bit group-32 grid: the q4_1 rows reproduce the "
         "reference (near zero KLD) and are not a quality comparison.\n\n"
         "| grid | method | linear bpw | grid mix (share of linear weights) | PPL | KLD mean | "
-        "KLD p99 | top-1 | quantize s | peak RSS GB |\n|---|---|---|---|---|---|---|---|---|---|\n"
-        + "\n".join(rows)
+        "KLD p99 | top-1 | quantize s | load before | peak RSS GB | run |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|\n"
+        + "\n".join(_row(records, r) for r in records)
+        + "\n\nRuns:\n\n" + (provenance_lines(records) or "- rows recorded before per-row provenance")
     )
     write_result("quant_quality", "Quantization quality (SmolLM2-135M)", body)
-    (RESULTS / "quant_quality.json").write_text(json.dumps(records, indent=1))
+    (RESULTS / "quant_quality.json").write_text(json.dumps(stored, indent=1))
 
 
 if __name__ == "__main__":
