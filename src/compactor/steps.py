@@ -7,6 +7,7 @@ from compactor.quant import rtn as _rtn  # noqa: F401
 from compactor.quant import activations as _activations  # noqa: F401
 from compactor.quant import smoothquant as _smoothquant  # noqa: F401
 from compactor.quant import mixed as _mixed  # noqa: F401
+from compactor.quant import fakequant as _fakequant  # noqa: F401
 from compactor.export import step as _export  # noqa: F401
 from compactor.export import llamacpp as _llamacpp  # noqa: F401
 from compactor.prune import magnitude as _magnitude  # noqa: F401

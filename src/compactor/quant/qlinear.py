@@ -12,8 +12,14 @@ from torch import nn
 from compactor.primitives.qparams import QParams
 
 
+def code_dtype(qp: QParams) -> torch.dtype:
+    """The smallest integer dtype holding the grid's codes (int8; int16 for the 0..255 codes of
+    8-bit asymmetric grids, which int8 would wrap)."""
+    return torch.int8 if -128 <= qp.qmin and qp.qmax <= 127 else torch.int16
+
+
 class QuantizedLinear(nn.Module):
-    """Codes ``[out, in]`` (int8) on grid ``label`` with their :class:`QParams`."""
+    """Codes ``[out, in]`` (int8, or int16 when the range needs it) on grid ``label`` with their :class:`QParams`."""
 
     def __init__(self, codes: torch.Tensor, qp: QParams, label: str, bits_per_weight: float,
                  bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float32):
@@ -22,7 +28,7 @@ class QuantizedLinear(nn.Module):
         self.label = label
         self.bits_per_weight = float(bits_per_weight)
         self.qparams = qp
-        self.register_buffer("codes", codes.to(torch.int8), persistent=False)
+        self.register_buffer("codes", codes.to(code_dtype(qp)), persistent=False)
         self.register_buffer("weight", qp.dequantize(codes).to(dtype), persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
