@@ -16,3 +16,4 @@ from compactor.prune import sparsegpt as _sparsegpt  # noqa: F401
 from compactor.prune import cuts as _cuts  # noqa: F401
 from compactor.prune import lottery as _lottery  # noqa: F401
 from compactor.distill import step as _distill  # noqa: F401
+from compactor.distill import qat as _qat  # noqa: F401

@@ -73,14 +73,15 @@ def train_windows(ctx, cfg: DistillConfig, teacher, workdir: Path, progress: boo
     return gen
 
 
-def run_distill(ctx, cfg: DistillConfig, progress: bool = True):
-    """Run ``cfg`` in a recipe context; returns (student, TrainResult)."""
+def run_distill(ctx, cfg: DistillConfig, progress: bool = True, param_groups=None, on_step=None):
+    """Run ``cfg`` in a recipe context; returns (student, TrainResult, trainer).
+    ``param_groups`` / ``on_step``: see :class:`Distiller` and :meth:`Distiller.train`."""
     from compactor.io import home
 
     teacher, teacher_id = _teacher(ctx, cfg)
     student = _student(ctx, cfg, teacher)
-    n_before = sum(r.get("step") == "distill" for r in ctx.reports)  # one workdir per distill step
-    workdir = ctx.work_dir / f"distill-{ctx.stage}-{n_before}"
+    n_before = sum(r.get("step") == cfg.name for r in ctx.reports)  # one workdir per training step
+    workdir = ctx.work_dir / f"{cfg.name}-{ctx.stage}-{n_before}"
     ids = train_windows(ctx, cfg, teacher, workdir, progress)
     autocast = use_bf16(cfg.precision)
     t_digest = state_digest(teacher)  # one pass over the teacher's weights
@@ -93,8 +94,9 @@ def run_distill(ctx, cfg: DistillConfig, progress: bool = True):
         signal = LiveTeacher(teacher, autocast)
     eval_win = windows_for(ctx.loaded.tokenizer, cfg.eval_data, cfg.window, max_tokens=cfg.eval_tokens)
     trainer = Distiller(student, signal, cfg, ids, workdir, teacher_model=teacher, eval_windows=eval_win,
-                        progress=progress, identity={"teacher": f"{teacher_id}@{t_digest}"})
-    result = trainer.train(resume=ctx.resume)
+                        progress=progress, identity={"teacher": f"{teacher_id}@{t_digest}"},
+                        param_groups=param_groups)
+    result = trainer.train(resume=ctx.resume, on_step=on_step)
     return student, result, trainer
 
 

@@ -82,12 +82,14 @@ class Distiller:
     """Train ``student`` against ``signal`` (a live teacher or a top-k cache) on ``train_ids``.
 
     ``workdir`` holds checkpoints and ``log.jsonl``; ``teacher_model`` (optional) is used for
-    evaluation and on-policy scoring.
+    evaluation and on-policy scoring. ``param_groups(model)`` (optional) chooses what trains:
+    it sets ``requires_grad`` and returns the optimizer's parameter groups (QAT trains only the
+    fake-quantized linears and their scales, at their own learning rates).
     """
 
     def __init__(self, student: Student, signal, cfg: DistillConfig, train_ids: torch.Tensor,
                  workdir: str | Path, teacher_model=None, eval_windows=None, progress: bool = True,
-                 identity: dict | None = None):
+                 identity: dict | None = None, param_groups=None):
         if train_ids.shape[0] < 1:
             raise CompactorError("distill: no training windows")
         self.cfg, self.signal, self.ids = cfg, signal, train_ids
@@ -130,8 +132,12 @@ class Distiller:
 
         layers = decoder_layers(student.model, adapter_for(student.model)) if cfg.strategy == "fsdp" else None
         self.par = Parallel(self.net, cfg.strategy, self.world, self.rank, layers)
-        self.opt = torch.optim.AdamW(self.net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                     betas=(0.9, 0.95))
+        groups = param_groups(student.model) if param_groups is not None else None
+        if groups is not None:  # the heads (hidden-state projections) always train
+            heads = [p for n, p in self.net.named_parameters() if not n.startswith("model.") and p.requires_grad]
+            groups = list(groups) + ([{"params": heads}] if heads else [])
+        self.opt = torch.optim.AdamW(groups if groups is not None else self.net.parameters(), lr=cfg.lr,
+                                     weight_decay=cfg.weight_decay, betas=(0.9, 0.95))
         warm = int(cfg.warmup * self.total_steps)
         self.sched = torch.optim.lr_scheduler.LambdaLR(
             self.opt, lambda s: lr_factor(s, self.total_steps, warm, cfg.min_lr_ratio))
@@ -316,11 +322,11 @@ class Distiller:
                 if e := self.evaluate():
                     evals.append(e)
                     self._log(log_path, {"eval": e})
+            if on_step is not None:  # before the checkpoint, which must hold what it changed
+                on_step(self, rec)
             if self.cfg.checkpoint_every and (self.step % self.cfg.checkpoint_every == 0
                                               or self.step == self.total_steps):
                 self.save_checkpoint()
-            if on_step is not None:
-                on_step(self, rec)
         bar.close()
         if e := self.evaluate():
             evals.append(e)
