@@ -10,6 +10,8 @@ import json
 import sys
 from pathlib import Path
 
+from compactor.cli_train import add_training_parsers
+
 
 def _add_data_args(p: argparse.ArgumentParser, default: str = "domains") -> None:
     p.add_argument("--data", "--text", dest="data", default=default,
@@ -124,39 +126,6 @@ def _run_one_stage(args, steps: list[dict], where: str):
     }
     return run_recipe(Recipe.from_dict(data, where=where), out=args.out, overwrite=args.force,
                       resume=args.resume)
-
-
-_DISTILL_KEYS = ("student", "ce", "kl", "reverse_kl", "gjsd", "beta", "tv", "hidden_mse", "hidden_cos",
-                 "attention", "temperature", "signal", "top_k", "sequence_kd", "on_policy", "prompt_len",
-                 "data", "tokens", "window", "batch", "micro_batch", "lr", "precision",
-                 "gradient_checkpointing", "lora_rank", "seed", "eval_every", "checkpoint_every")
-
-
-def cmd_distill(args) -> int:
-    from compactor.evaluate import table
-    from compactor.recipe import Recipe, run_recipe
-
-    step = {k: getattr(args, k) for k in _DISTILL_KEYS if getattr(args, k) is not None}
-    data = {"model": args.teacher,
-            "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.window or 256,
-                     "speed": not args.no_speed},
-            "calibration": {"data": args.calib_data, "samples": 32, "window": args.window or 256},
-            "stages": [{"name": "distill", "steps": [{"distill": {"teacher": "original", **step}}]}]}
-    ctx = run_recipe(Recipe.from_dict(data, where="compactor distill"), out=args.out,
-                     overwrite=args.force, resume=args.resume)
-    if ctx.out_dir is None:
-        return 0  # a torchrun worker other than rank 0: rank 0 reports and writes
-    rep = next(r for r in ctx.reports if r["step"] == "distill")
-    before, after = rep["before"], rep["after"]
-    print(f"student: {'; '.join(rep['student'])}, {rep['params']:,} params")
-    print(f"trained {rep['tokens']:,} tokens in {rep['train_seconds']:.0f} s ({rep['train_tok_s']:.0f} tok/s, "
-          f"{rep['precision']}, {rep['processes']} process(es))")
-    if before and after:
-        print(f"PPL {before['ppl']:.2f} -> {after['ppl']:.2f}, KLD vs teacher {before['kld']:.4f} -> {after['kld']:.4f}")
-    if ctx.results:
-        print(table(ctx.results))
-    print(f"\nwrote {ctx.out_dir} (model, recipe.yaml, metrics.json, provenance.json, training log in provenance)")
-    return 0
 
 
 def cmd_quantize(args) -> int:
@@ -366,40 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("model")
     st.set_defaults(fn=cmd_stats)
 
-    d = sub.add_parser("distill", help="train a smaller student from a teacher (KD, JSD, feature losses)")
-    d.add_argument("--teacher", required=True, help="teacher model (alias, directory or GGUF)")
-    d.add_argument("--student", default="layers:0.5",
-                   help="student spec: layers:every-other, layers:0.5[:angular], channels:0.25, heads:0.33, "
-                        "config:k=v,..., random, same, a model path, or '+'-chained (default layers:0.5)")
-    d.add_argument("--calib-data", default="calib:mix", help="text for importance-based student cuts")
-    d.add_argument("--data", help="training text (default austen:train)")
-    d.add_argument("--tokens", type=int, help="training token budget")
-    d.add_argument("--window", type=int, help="training window length (default 256)")
-    d.add_argument("--batch", type=int, help="windows per optimizer step, across processes (default 16)")
-    d.add_argument("--micro-batch", type=int, help="windows per forward/backward (default 4)")
-    d.add_argument("--lr", type=float)
-    for w in ("ce", "kl", "reverse-kl", "gjsd", "tv", "hidden-mse", "hidden-cos", "attention"):
-        d.add_argument(f"--{w}", type=float, dest=w.replace("-", "_"), help=f"weight of the {w} loss term")
-    d.add_argument("--beta", type=float, help="generalized JSD β (0 = forward KL, 1 = reverse KL)")
-    d.add_argument("--temperature", type=float)
-    d.add_argument("--signal", choices=["live", "cache"], help="live teacher or cached top-k log-probs")
-    d.add_argument("--top-k", type=int)
-    d.add_argument("--sequence-kd", action="store_true", default=None, help="train on teacher-generated text")
-    d.add_argument("--on-policy", type=float, help="fraction of steps on student samples scored by the teacher")
-    d.add_argument("--prompt-len", type=int)
-    d.add_argument("--precision", choices=["fp32", "bf16", "auto"])
-    d.add_argument("--gradient-checkpointing", action="store_true", default=None)
-    d.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (peft), merged at the end")
-    d.add_argument("--seed", type=int)
-    d.add_argument("--eval-every", type=int)
-    d.add_argument("--checkpoint-every", type=int)
-    d.add_argument("--eval-data", default="domains", help="evaluation text, as eval --data (default domains)")
-    d.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens per domain (default 4096)")
-    d.add_argument("--no-speed", action="store_true")
-    d.add_argument("--out", required=True)
-    d.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
-    d.add_argument("--force", action="store_true")
-    d.set_defaults(fn=cmd_distill)
+    add_training_parsers(sub)
 
     r = sub.add_parser("run", help="run a recipe (YAML) and write its output directory")
     r.add_argument("recipe")

@@ -114,3 +114,46 @@ def test_sigkilled_qat_resumes_to_identical_codes(tmp_path):
     assert full.keys() == cut.keys() and full
     for k in full:
         assert torch.equal(full[k], cut[k]), k
+
+
+def test_a_grid_the_export_cannot_hold_is_refused_before_training(tiny_dir, tmp_path):
+    train = _text(tmp_path / "t.txt", 7)
+    r = _recipe(tiny_dir, train, train, [{"rtn": {"grid": "int", "bits": 4, "group_size": 32}}, _qat(train),
+                                         {"export": {"format": "gguf"}}])
+    with pytest.raises(CompactorError, match="not a GGUF block type"):
+        run_recipe(r, out=tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists() or \
+        not list((tmp_path / "out.work").glob("qat-*"))
+
+
+def test_cli_qat_exports_exactly_the_trained_codes_to_gguf(tiny_dir, tmp_path, capsys):
+    pytest.importorskip("llama_cpp")
+    import numpy as np
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from compactor.cli import main
+    from compactor.models.load import load_model
+
+    train = _text(tmp_path / "t.txt", 8)
+    out = tmp_path / "qat"
+    args = ["qat", str(tiny_dir), "--grid", "q4_0", "--init", "rtn", "--data", str(train), "--tokens", "1536",
+            "--window", "64", "--batch", "8", "--micro-batch", "4", "--lr", "3e-3", "--precision", "fp32",
+            "--calib-data", str(train), "--samples", "4", "--eval-data", str(train), "--eval-tokens", "256",
+            "--no-speed", "--export", "gguf", "--out", str(out)]
+    assert main(args) == 0
+    assert "KLD vs teacher" in capsys.readouterr().out
+    model = load_model(str(out)).model  # codes restored from quantization-*.safetensors
+    qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    reader = GGUFReader(str(out / "model.gguf"))
+    by_name = {t.name: t for t in reader.tensors}
+    w = qmods["model.layers.0.mlp.down_proj"].weight
+    t = by_name["blk.0.ffn_down.weight"]
+    file_w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32).reshape(w.shape)
+    assert (torch.from_numpy(file_w) - w.float()).abs().max().item() == 0.0
+    # the grid an export cannot hold: refused with exit 2 before training, nothing written
+    bad = args[:]
+    bad[bad.index("q4_0")] = "int"
+    bad[bad.index(str(out))] = str(tmp_path / "bad")
+    assert main(bad + ["--group-size", "32"]) == 2
+    assert "not a GGUF block type" in capsys.readouterr().err and not (tmp_path / "bad").exists()

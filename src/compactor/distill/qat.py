@@ -99,6 +99,31 @@ def quantized_modules(model) -> list[str]:
             and not isinstance(m, QuantizedEmbedding)]
 
 
+def check_exportable(model, fmt: str) -> None:
+    """Refuse, before any training, a grid the export format cannot hold (the trained codes
+    are shipped as they are, so they must fit the file)."""
+    from compactor.primitives.ggml import GGML_TYPES
+
+    for name in quantized_modules(model):
+        m = model.get_submodule(name)
+        if fmt == "gguf" and m.label not in GGML_TYPES:
+            raise CompactorError(f"{name}: grid {m.label!r} is not a GGUF block type, so a GGUF file cannot "
+                                 f"hold its trained codes; quantize on one of {', '.join(GGML_TYPES)}")
+        if fmt == "compressed-tensors":
+            from compactor.export.compressed import ct_args
+
+            ct_args(m, name)
+
+
+def _later_exports(ctx) -> list[str]:
+    """Formats of the recipe's export steps that come after the current stage's qat."""
+    fmts, seen = [], False
+    for stage in ctx.recipe.stages:
+        seen |= stage.name == ctx.stage
+        fmts += [st.config.format for st in stage.steps if seen and st.name == "export"]
+    return fmts
+
+
 @register(QATConfig, kind="model")
 def _qat(ctx, cfg: QATConfig) -> None:
     from compactor.api import quantize_
@@ -111,6 +136,8 @@ def _qat(ctx, cfg: QATConfig) -> None:
     if not quantized_modules(model):
         raise CompactorError("qat needs a quantized model to start from: put a quantization step "
                              "(gptq, rtn, awq + gptq, mixed) before it")
+    for fmt in _later_exports(ctx):
+        check_exportable(model, fmt)
     learn_scales = cfg.learn != "weights"
     names = quantize_(model, FakeQuantConfig(learn_scales=learn_scales, learn_offsets=cfg.learn_offsets and learn_scales))
     if cfg.learn == "scales":  # codes fixed from the start
