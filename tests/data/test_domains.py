@@ -79,3 +79,23 @@ def test_eval_specs_expand_and_score_separately(tok):
     by = domain_windows(tok, "code:eval,c:eval", 64, max_tokens=128)
     assert list(by) == ["code:eval", "c:eval"] and all(len(w) == 2 for w in by.values())
     assert not torch.equal(by["code:eval"].input_ids, by["c:eval"].input_ids)
+
+
+def test_a_domain_that_runs_out_gives_all_it_has_and_the_others_share_the_rest(tok, monkeypatch):
+    import compactor.data.windows as W
+
+    real = W.windows_for
+
+    def limited(tokenizer, spec, length, bos="auto", max_tokens=None, **kw):
+        w = real(tokenizer, spec, length, bos=bos, max_tokens=max_tokens, **kw)
+        if spec == "chat:calib":  # pretend the FAQ holds only 2 windows
+            return W._first(w, min(2, len(w)))
+        return w
+
+    monkeypatch.setattr(W, "windows_for", limited)
+    a = W.mix_windows(tok, 64, max_tokens=12 * 64)
+    counts = {d: v["windows"] for d, v in a.provenance["domains"].items()}
+    assert len(a) == 12 and counts["chat"] == 2 and sum(counts.values()) == 12
+    assert max(counts.values()) - min(c for d, c in counts.items() if d != "chat") <= 1
+    # the windows themselves are the domains' first ones, each used once
+    assert len({tuple(r.tolist()) for r in a.input_ids}) == 12

@@ -170,26 +170,48 @@ MIX_SPEC = "calib:mix"
 MIX_DEFAULT_WINDOWS = 128
 
 
+def _first(w: TokenWindows, k: int) -> TokenWindows:
+    return TokenWindows(w.input_ids[:k], w.score_mask[:k], dict(w.provenance))
+
+
 def mix_windows(tokenizer, length: int = 512, bos: Literal["auto", "none", "prepend"] = "auto",
                 max_tokens: int | None = None) -> TokenWindows:
     """``calib:mix``: an equal share of windows from each calibration split of
     :data:`compactor.data.domains.MIX` (the first domains take one more when the count does
-    not divide), interleaved round-robin so that any first ``n`` windows stay balanced."""
+    not divide; a domain whose text runs out gives all of it and the others share the rest),
+    interleaved round-robin so that any first ``n`` windows stay as balanced as the text allows."""
     from compactor.data.domains import MIX
 
     bos = resolve_bos(tokenizer, bos)
     n = MIX_DEFAULT_WINDOWS if max_tokens is None else max(1, max_tokens // length)
-    shares = [n // len(MIX) + (1 if i < n % len(MIX) else 0) for i in range(len(MIX))]
+    # Equal shares; a domain with less text gives all it has and the others share the rest
+    # (a training budget can exceed the smallest domain: Debian's FAQ is ~20k tokens).
+    want = {d: n // len(MIX) + (1 if i < n % len(MIX) else 0) for i, d in enumerate(MIX)}
+    got: dict[str, TokenWindows] = {}
+    short: set[str] = set()
+    while True:
+        for d in MIX:
+            if want[d] and (d not in got or len(got[d]) < want[d]) and d not in short:
+                got[d] = windows_for(tokenizer, f"{d}:calib", length, bos=bos, max_tokens=want[d] * length)
+                if len(got[d]) < want[d]:
+                    short.add(d)
+        missing = n - sum(min(len(got[d]), want[d]) for d in got)
+        open_ = [d for d in MIX if d not in short]
+        if missing <= 0 or not open_:
+            break
+        for d in MIX:
+            want[d] = min(want[d], len(got[d])) if d in short else want[d]
+        for i in range(missing):
+            want[open_[i % len(open_)]] += 1
+    if sum(len(w) for w in got.values()) < n:
+        raise CompactorError(f"{MIX_SPEC}: its domains hold {sum(len(w) for w in got.values())} windows of "
+                             f"{length} tokens, fewer than the {n} asked for")
     parts, provs = [], {}
-    for domain, k in zip(MIX, shares):
-        if k == 0:
-            continue
-        w = windows_for(tokenizer, f"{domain}:calib", length, bos=bos, max_tokens=k * length)
-        if len(w) < k:
-            raise CompactorError(f"{MIX_SPEC}: domain {domain} yields {len(w)} windows of {length} "
-                                 f"tokens, fewer than the {k} its share needs")
-        parts.append(w)
-        provs[domain] = {**w.provenance, "windows": len(w)}
+    for d in MIX:
+        if d in got and want[d]:
+            w = got[d] if len(got[d]) <= want[d] else _first(got[d], want[d])
+            parts.append(w)
+            provs[d] = {**w.provenance, "windows": len(w)}
     order = [(d, i) for i in range(max(len(p) for p in parts)) for d in range(len(parts)) if i < len(parts[d])]
     ids = torch.stack([parts[d].input_ids[i] for d, i in order])
     mask = torch.stack([parts[d].score_mask[i] for d, i in order])

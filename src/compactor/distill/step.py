@@ -57,7 +57,11 @@ def _student(ctx, cfg: DistillConfig, teacher) -> Student:
 def train_windows(ctx, cfg: DistillConfig, teacher, workdir: Path, progress: bool) -> torch.Tensor:
     """The training windows; with ``sequence_kd`` the teacher's continuations of them
     (generated once, kept in ``workdir`` for a resumed run)."""
-    win = windows_for(ctx.loaded.tokenizer, cfg.data, cfg.window)
+    from compactor.data.windows import MIX_SPEC
+
+    # The mix is sized by request (its default is a calibration set): one epoch of the budget.
+    cap = max(cfg.tokens, cfg.batch * cfg.window) if cfg.data == MIX_SPEC else None
+    win = windows_for(ctx.loaded.tokenizer, cfg.data, cfg.window, max_tokens=cap)
     ids = win.input_ids
     if not cfg.sequence_kd:
         return ids
