@@ -40,6 +40,10 @@ ROWS = {
     "rtn": ("rtn", None, 0, {}),
     "gptq austen": ("gptq", "austen:calib", 128, {}),
     "gptq mix": ("gptq", "calib:mix", 128, {}),
+    # the baselines again, with the code the later rows ran (rows [1] predate the float64
+    # Hessian and the new Cholesky): the comparison for choosing defaults is within one commit
+    "gptq mix again": ("gptq", "calib:mix", 128, {}),
+    "gptq austen again": ("gptq", "austen:calib", 128, {}),
     "gptq mix damp 0.05": ("gptq", "calib:mix", 128, {"dampening": 0.05}),
     "gptq mix damp 0.1": ("gptq", "calib:mix", 128, {"dampening": 0.1}),
     "gptq mix damp 0.3": ("gptq", "calib:mix", 128, {"dampening": 0.3}),

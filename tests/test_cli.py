@@ -45,6 +45,19 @@ def test_recipe_unknown_key_writes_nothing(tmp_path, capsys):
     assert not out.exists()
 
 
+def test_quantize_defaults_to_a_grid_that_fits_and_says_so(tmp_path, tiny_dir, text_file, capsys):
+    out = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--method", "rtn", "--data", str(text_file), "--tokens", "128",
+                 "--window", "64", "--no-speed", "--out", str(out)]) == 0
+    assert "grid: q4_0 (the default" in capsys.readouterr().out
+    import yaml
+
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["steps"][0]["rtn"]["grid"] == "q4_0"
+    assert main(["quantize", str(tiny_dir), "--method", "rtn", "--grid", "q4_0", "--group-size", "64",
+                 "--out", str(tmp_path / "bad")]) == 2
+    assert "block geometry is fixed" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
 def test_help_for_every_command():
     for cmd in ([], ["fetch"], ["eval"], ["run"], ["quantize"]):
         proc = subprocess.run([sys.executable, "-m", "compactor.cli", *cmd, "--help"],
@@ -92,7 +105,7 @@ def test_quantize_cli_other_methods(tmp_path, tiny_dir, text_file, method, extra
 
 def test_quantize_bad_group_size_writes_nothing(tmp_path, tiny_dir, text_file, capsys):
     out = tmp_path / "q"
-    rc = main(["quantize", str(tiny_dir), "--method", "rtn", "--group-size", "48",
+    rc = main(["quantize", str(tiny_dir), "--method", "rtn", "--grid", "int", "--group-size", "48",
                "--data", str(text_file), "--tokens", "128", "--window", "64", "--no-speed", "--out", str(out)])
     assert rc == 2 and "group size 48 does not divide the input width 64" in capsys.readouterr().err
     assert not out.exists()

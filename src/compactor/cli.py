@@ -131,7 +131,18 @@ def _run_one_stage(args, steps: list[dict], where: str):
 def cmd_quantize(args) -> int:
     from compactor.evaluate import table
 
-    grid = {"grid": args.grid, "bits": args.bits, "group_size": args.group_size,
+    args.grid_default = args.grid is None
+    args.grid = args.grid or "q4_0"
+
+    from compactor.errors import CompactorError
+    from compactor.primitives.ggml import GGML_TYPES
+
+    if args.grid in GGML_TYPES and (args.group_size is not None or args.bits is not None or args.asym):
+        raise CompactorError(f"--group-size, --bits and --asym describe int/nf4 grids; {args.grid}'s "
+                             "block geometry is fixed by the GGUF format")
+    if args.method in ("rtn", "gptq", "awq", "awq+gptq") and args.grid_default:
+        print(f"grid: {args.grid} (the default; --grid int --group-size 64 for an int grid)")
+    grid = {"grid": args.grid, "bits": args.bits or 4, "group_size": args.group_size or 128,
             "symmetric": not args.asym}
     gptq = {**grid, "act_order": args.act_order, "dampening": args.dampening}
     mixed = {"target_bpw": args.target_bpw, "sensitivity": args.sensitivity, "then": args.then,
@@ -255,10 +266,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "NF4 or GGUF grid, or weights + activations (W8A8)")
     q.add_argument("model")
     q.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq", "mixed", "w8a8"], default="gptq")
-    q.add_argument("--grid", default="int", help="int, nf4, or a GGUF type: q8_0 q5_0 q5_1 q4_0 q4_1 "
-                   "iq4_nl q6_k q5_k q4_k q3_k q2_k (default int)")
-    q.add_argument("--bits", type=int, default=4, help="int grid bits, 2..8 (default 4)")
-    q.add_argument("--group-size", type=int, default=128,
+    q.add_argument("--grid", default=None, help="int, nf4, or a GGUF type: q8_0 q5_0 q5_1 q4_0 q4_1 "
+                   "iq4_nl q6_k q5_k q4_k q3_k q2_k (default q4_0: its 32-wide blocks divide every "
+                   "common row width)")
+    q.add_argument("--bits", type=int, default=None, help="int grid bits, 2..8 (default 4)")
+    q.add_argument("--group-size", type=int, default=None,
                    help="int/nf4 group size; -1 per channel, 0 per tensor (default 128)")
     q.add_argument("--asym", action="store_true", help="asymmetric int grid (zero point)")
     q.add_argument("--no-act-order", dest="act_order", action="store_false",

@@ -1,0 +1,170 @@
+"""Quantization-aware distillation (QAD) against GPTQ at the same bytes, every file scored in
+llama.cpp on every evaluation domain.
+
+    python bench/qat.py [--rows ...] [--eval-tokens 4096] [--resume] [--table-only]
+
+* PTQ rows: GPTQ on the decoder linears of SmolLM2-135M (calib:mix, 128 x 512 tokens),
+  exported to GGUF with the embedding (tied head) at Q8_0 and verified in llama.cpp.
+* QAD rows: the same GPTQ output as initialization, then the ``qat`` step — KL to the float
+  original through straight-through fake quantization in the exact GGUF grid, latent weights
+  and the format's fp16 scales learned, trained on ``calib:mix`` text (window 256) for the
+  row's token budget — exported with the trained codes repacked (no re-rounding) and
+  verified in llama.cpp like every export.
+* Every file: size, and per evaluation domain (Austen prose, Python code, technical prose,
+  C headers; the C headers are in no calibration or training set) mean KLD against the float
+  reference, p99, top-1 and PPL, all computed from llama.cpp's logits.
+
+Rows are stored in bench/results/qat.json as they finish (``--resume`` skips them and
+continues an interrupted QAD from its checkpoints); the table renders only from that file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+from _common import RESULTS, prov_ref, provenance, provenance_lines, write_result
+
+from compactor.data.windows import domain_windows
+from compactor.evaluate import evaluate
+from compactor.evaluate.backends import CachedBackend, TorchBackend
+from compactor.io import home
+from compactor.models.load import load_model
+from compactor.recipe import Recipe, run_recipe
+
+BASE = "smollm2-135m"
+#: row -> (kind, grid, QAD tokens, qat settings)
+ROWS = {
+    "gptq q4_0": ("ptq", "q4_0", 0, {}),
+    "qad q4_0 64k": ("qad", "q4_0", 65536, {}),
+    "qad q4_0 64k scales only": ("qad", "q4_0", 65536, {"learn": "scales", "scale_lr": 1.0}),
+    "qad q4_0 256k": ("qad", "q4_0", 262144, {}),
+    "gptq q3_k": ("ptq", "q3_k", 0, {}),
+    "qad q3_k 64k": ("qad", "q3_k", 65536, {}),
+}
+JSON = RESULTS / "qat.json"
+PTQ = {"diag_mix": 0.1}  # the GPTQ settings of every PTQ row and QAD init (recorded per row)
+QAT = {"window": 256, "batch": 8, "micro_batch": 4, "lr": 1e-5, "eval_tokens": 4096,
+       "checkpoint_every": 8}
+
+
+def _ptq_dir(work, grid):
+    out = work / f"ptq-{grid}"
+    if not (out / "model.gguf").exists():
+        recipe = Recipe.from_dict({
+            "model": BASE, "eval": {"after_each_stage": False, "speed": False},
+            "calibration": {"data": "calib:mix", "samples": 128, "window": 512},
+            "stages": [{"name": "gptq", "steps": [{"gptq": {"grid": grid, **PTQ}},
+                                                  {"export": {"format": "gguf", "embed_type": "q8_0"}}]}]})
+        run_recipe(recipe, out=out, overwrite=True, progress=False)
+    return out
+
+
+def _qad_dir(work, grid, tokens, settings, name, resume):
+    ptq = _ptq_dir(work, grid)
+    out = work / name.replace(" ", "-")
+    if (out / "model.gguf").exists():
+        return out, json.loads((out / "provenance.json").read_text())
+    recipe = Recipe.from_dict({
+        "model": str(ptq), "reference": BASE, "eval": {"after_each_stage": False, "speed": False},
+        "stages": [{"name": "qad", "steps": [
+            {"qat": {"teacher": BASE, "tokens": tokens, **QAT, **settings}},
+            {"export": {"format": "gguf", "embed_type": "q8_0"}}]}]})
+    run_recipe(recipe, out=out, overwrite=not resume, resume=resume)
+    return out, json.loads((out / "provenance.json").read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--eval-tokens", type=int, default=4096, help="per evaluation domain")
+    ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    records = json.loads(JSON.read_text()) if JSON.exists() and (args.resume or args.table_only) else []
+    if args.table_only:
+        return render(records)
+    provenance()
+    work = home() / "bench" / "qat"
+    work.mkdir(parents=True, exist_ok=True)
+    ref = load_model(BASE)
+    win = domain_windows(ref.tokenizer, "domains", 512, max_tokens=args.eval_tokens)
+    cached = CachedBackend(TorchBackend(ref.model, "reference"), half=True, directory=work / "reference-logits")
+    for name in args.rows:
+        if any(r["row"] == name for r in records):
+            continue
+        kind, grid, tokens, settings = ROWS[name]
+        load = os.getloadavg()[0]
+        t0 = time.perf_counter()
+        if kind == "ptq":
+            out, train = _ptq_dir(work, grid), None
+        else:
+            out, prov = _qad_dir(work, grid, tokens, settings, name, args.resume)
+            train = next(r for r in prov["reports"] if r["step"] == "qat")
+        seconds = time.perf_counter() - t0
+        gguf = out / "model.gguf"
+        r = evaluate(str(gguf), win, reference=cached, speed=False, name=name, progress=False)
+        rec = {"row": name, "kind": kind, "grid": grid, "tokens": tokens, "settings": settings,
+               "ptq": PTQ, "qat": QAT if kind == "qad" else None, "file_bytes": gguf.stat().st_size,
+               "kld_mean": r.kld_mean, "ppl": r.ppl, "domains": r.domains, "seconds": round(seconds, 1),
+               "load_before": round(load, 2),
+               "train": None if train is None else {k: train.get(k) for k in (
+                   "tokens", "steps", "train_seconds", "train_tok_s", "learned", "frozen_modules",
+                   "before", "after", "precision", "resumed_from")},
+               "eval": {s: {"windows": len(w), "tokens_scored": w.n_scored} for s, w in win.items()},
+               "prov": provenance()}
+        records.append(rec)
+        JSON.write_text(json.dumps(records, indent=1))
+        print(name, {s: round(d["kld_mean"], 4) for s, d in r.domains.items()}, flush=True)
+        render(records)
+
+
+def render(records: list[dict]) -> None:
+    """Write qat.md from the stored rows."""
+    if not records:
+        return
+    specs = list(records[0]["domains"])
+    ptq = {r["grid"]: r for r in records if r["kind"] == "ptq"}
+    head = ("| row | grid | QAD tokens | settings | file MB | " + " | ".join(f"{s} KLD" for s in specs)
+            + " | mean KLD | share of GPTQ's KLD removed | top-1 (mean) | train tok/s (steps) | wall s "
+            "| load before | run |\n|" + "---|" * (len(specs) + 12) + "\n")
+    lines = []
+    for r in records:
+        kl = [r["domains"][s]["kld_mean"] for s in specs]
+        mean = sum(kl) / len(kl)
+        base = ptq.get(r["grid"])
+        if base and r["kind"] == "qad":
+            b = sum(base["domains"][s]["kld_mean"] for s in specs) / len(specs)
+            removed = f"{100 * (1 - mean / b):.1f} %"
+        else:
+            removed = "—"
+        top1 = sum(r["domains"][s]["top1"] for s in specs) / len(specs)
+        tok_s = f"{r['train']['train_tok_s']:.0f}" if r.get("train") else "—"
+        settings = ", ".join(f"{k}={v}" for k, v in r["settings"].items()) or "defaults"
+        lines.append(f"| {r['row']} | {r['grid']} | {r['tokens'] or '—'} | {settings} | "
+                     f"{r['file_bytes'] / 1e6:.2f} | " + " | ".join(f"{k:.4f}" for k in kl)
+                     + f" | {mean:.4f} | {removed} | {100 * top1:.1f} % | {tok_s} | {r['seconds']:.0f} | "
+                     f"{r['load_before']} | {prov_ref(records, r)} |")
+    ev = records[0]["eval"]
+    qat = next((r["qat"] for r in records if r.get("qat")), None)
+    body = (
+        "Every file is scored in llama.cpp (llama-cpp-python) against the float reference's logits, "
+        "per evaluation domain: " + ", ".join(f"{s} ({v['windows']} x 512, {v['tokens_scored']} scored "
+                                              "tokens)" for s, v in ev.items())
+        + ". c:eval is in no calibration or training set. PTQ: GPTQ "
+        + ", ".join(f"{k}={v}" for k, v in records[0]["ptq"].items())
+        + " on calib:mix (128 x 512), embedding Q8_0. QAD: the qat step from that GPTQ output, KL to "
+        "the float original, trained on calib:mix"
+        + (" with " + ", ".join(f"{k}={v}" for k, v in qat.items()) if qat else "")
+        + ". 'Share removed' compares mean KLD with the GPTQ row of the same grid (equal bytes: "
+        "same types, same file size). Wall seconds include PTQ/training and export with its "
+        "llama.cpp verification; load before above ~0.5 means another job shared the 2 cores.\n\n"
+        + head + "\n".join(lines) + "\n\nRuns:\n\n" + provenance_lines(records))
+    write_result("qat", "Quantization-aware distillation vs GPTQ at equal bytes (SmolLM2-135M, llama.cpp)",
+                 body)
+
+
+if __name__ == "__main__":
+    main()
