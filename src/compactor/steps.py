@@ -17,3 +17,4 @@ from compactor.prune import cuts as _cuts  # noqa: F401
 from compactor.prune import lottery as _lottery  # noqa: F401
 from compactor.distill import step as _distill  # noqa: F401
 from compactor.distill import qat as _qat  # noqa: F401
+from compactor.distill import lora as _lora  # noqa: F401

@@ -3,6 +3,8 @@ its runtime, and rename it into place only if verification passed."""
 
 from __future__ import annotations
 
+import contextlib
+
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,6 +92,12 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, *, overwrite: b
             f"{len(acts)} modules (first: {acts[0]}) quantize their activations (W8A8), which "
             f"compactor cannot write as {fmt}; export compressed-tensors (vLLM's W8A8 format), "
             "or quantize without the activations step to export the weights")
+    from compactor.distill.lora import lora_modules
+
+    if lora_modules(loaded.model) and fmt != "gguf":
+        raise CompactorError(f"the model carries LoRA adapters, which a {fmt} export cannot hold beside "
+                             "its base; export GGUF (base + llama.cpp adapter file) or merge them "
+                             "(lora step with merge: requantize or float)")
     if loaded.streamed and fmt != "gguf":
         raise CompactorError(f"a {fmt} export needs the model in memory; it is streamed (export "
                              "GGUF from a streamed model, or load it without --stream)")
@@ -156,18 +164,30 @@ def _export_onnx(loaded, out, verify, windows, prov, overwrite, int8: bool = Fal
 
 
 def _export_gguf(loaded, out, verify, windows, prov, progress, types=None) -> ExportResult:
+    """The base file; with LoRA adapters in the model also ``<out stem>.lora.gguf`` beside it,
+    verified together in llama.cpp against the in-memory model with its adapters."""
+    from compactor.distill.lora import detached_adapters
     from compactor.export.gguf import export_gguf
+    from compactor.export.lora_gguf import export_lora_gguf
     from compactor.export.verify import verify_gguf
 
+    lora_out = out.with_name(out.stem + ".lora.gguf")
     with atomic_file(out) as tmp:
-        exp = export_gguf(loaded.model, tmp, types=types, tokenizer=loaded.tokenizer,
-                          tokenizer_gguf=tokenizer_gguf_for(loaded), provenance=prov,
-                          adapter=loaded.adapter, progress=progress, store=loaded.store)
-        ver = None
-        if verify:
-            v = verify_gguf(loaded.model, exp, windows, progress=progress, loaded=loaded)
-            if not v.passed:
-                raise VerificationFailed(f"{out}: {v.describe()}; the file was not written")
-            ver = v.to_dict()
+        with detached_adapters(loaded.model) as lora:
+            exp = export_gguf(loaded.model, tmp, types=types, tokenizer=loaded.tokenizer,
+                              tokenizer_gguf=tokenizer_gguf_for(loaded), provenance=prov,
+                              adapter=loaded.adapter, progress=progress, store=loaded.store)
+        ver, summary = None, exp.summary()
+        with atomic_file(lora_out) if lora else contextlib.nullcontext() as lora_tmp:
+            if lora:
+                summary["lora_adapter"] = export_lora_gguf(loaded.model, lora, lora_tmp, loaded.adapter)
+                summary["lora_adapter"]["path"] = str(lora_out)
+            if verify:
+                v = verify_gguf(loaded.model, exp, windows, progress=progress, loaded=loaded,
+                                lora_path=lora_tmp)
+                if not v.passed:
+                    raise VerificationFailed(f"{out}{' + ' + lora_out.name if lora else ''}: {v.describe()}; "
+                                             "the file was not written")
+                ver = v.to_dict()
     exp.path = out
-    return ExportResult("gguf", out, exp.summary(), ver, exp.notes)
+    return ExportResult("gguf", out, summary, ver, exp.notes)

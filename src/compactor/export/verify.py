@@ -134,16 +134,21 @@ def check_tensors(model, exp: GGUFExport, store=None) -> tuple[int, float, str |
 
 
 def verify_gguf(model, exp: GGUFExport, windows, max_kld: float = MAX_KLD,
-                min_top1: float = MIN_TOP1, progress: bool = False, loaded=None) -> Verification:
+                min_top1: float = MIN_TOP1, progress: bool = False, loaded=None,
+                lora_path: Path | None = None) -> Verification:
     """Run both checks on the file ``exp`` describes; the result says whether it passed.
 
     ``loaded``: the model's :class:`LoadedModel` when its weights are streamed; the expected
-    logits then come layer by layer, with the exporter-rounded tensors read from the file."""
+    logits then come layer by layer, with the exporter-rounded tensors read from the file.
+    ``lora_path``: a LoRA adapter GGUF applied beside the file in llama.cpp; the expected
+    logits are then the model's with its adapters (the tensors are checked without them)."""
+    from compactor.distill.lora import detached_adapters
     from compactor.evaluate.backends import LlamaCppBackend
     from compactor.evaluate.harness import evaluate
 
     streamed = loaded is not None and loaded.streamed
-    n, err, worst, rounded = check_tensors(model, exp, loaded.store if streamed else None)
+    with detached_adapters(model):
+        n, err, worst, rounded = check_tensors(model, exp, loaded.store if streamed else None)
     expected = loaded if streamed else model
     if rounded and streamed:
         file_t = FileTensors(exp.path)
@@ -152,7 +157,7 @@ def verify_gguf(model, exp: GGUFExport, windows, max_kld: float = MAX_KLD,
     elif rounded:
         file_t = FileTensors(exp.path)
         expected = copy.deepcopy(model)
-        with torch.no_grad():
+        with torch.no_grad(), detached_adapters(expected):
             for rec in rounded:
                 w = _unpermute(file_t[rec.name], rec, model, exp)
                 expected.get_parameter(rec.source).copy_(w.to(expected.get_parameter(rec.source).dtype))
@@ -169,7 +174,8 @@ def verify_gguf(model, exp: GGUFExport, windows, max_kld: float = MAX_KLD,
         for _ in expected.iter_logits(windows.input_ids):
             pass
         loaded.store.overrides = {}
-    runtime = LlamaCppBackend(exp.path, n_ctx=max(1024, windows.length + 160), name=exp.path.name)
+    runtime = LlamaCppBackend(exp.path, n_ctx=max(1024, windows.length + 160), name=exp.path.name,
+                              lora_path=lora_path)
     try:
         res = evaluate(runtime, windows, reference=expected, speed=False, progress=progress)
     finally:

@@ -6,6 +6,8 @@ safetensors checkpoint keyed by the file's sha256, so later loads take seconds.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import os
 import time
@@ -150,14 +152,20 @@ def load_model(source: str | os.PathLike, dtype: torch.dtype = torch.float32,
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     # transformers maps the safetensors file into memory and the parameters point into the
     # mapping, which keeps every page a pass has touched resident for the model's lifetime,
-    # even after a compression step replaced the module. Own copies are freed on replacement
-    # (measured on SmolLM2 GPTQ: peak RSS -0.5 GB).
+    # even after a compression step replaced the module. Own copies are freed on replacement.
     with torch.no_grad():
         for p in model.parameters():
             p.data = p.data.clone()
     from compactor.quant.storage import restore_quantization
 
     restored = restore_quantization(model, directory, adapter.lm_head)
+    if (directory / "adapter.json").exists():  # LoRA adapters kept beside the base
+        from safetensors.torch import load_file
+
+        from compactor.distill.lora import attach_adapters
+
+        attach_adapters(model, load_file(str(directory / "adapter.safetensors")),
+                        json.loads((directory / "adapter.json").read_text()), str(directory))
     model.eval()
     return LoadedModel(
         model=model,

@@ -276,6 +276,22 @@ def save_model(model, tokenizer, directory: Path, store=None, adapter=None,
     from compactor.models.adapters import adapter_for, decoder_layers
     from compactor.models.stream import ResidentWeights
 
+    from compactor.distill.lora import adapter_tensors, detached_adapters
+
+    with detached_adapters(model) as lora:  # the base as a base file; adapters beside it
+        _save_base(model, tokenizer, directory, store, adapter, weight_dtype)
+    if lora:
+        from safetensors.torch import save_file
+
+        tensors, manifest = adapter_tensors(lora)
+        save_file(tensors, str(Path(directory) / "adapter.safetensors"))
+        (Path(directory) / "adapter.json").write_text(json.dumps(manifest, indent=1))
+
+
+def _save_base(model, tokenizer, directory: Path, store, adapter, weight_dtype) -> None:
+    from compactor.models.adapters import adapter_for, decoder_layers
+    from compactor.models.stream import ResidentWeights
+
     adapter = adapter or adapter_for(model)
     store = store or ResidentWeights()
     writer = ModelWriter(directory, weight_dtype)
