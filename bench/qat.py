@@ -29,7 +29,7 @@ from _common import RESULTS, prov_ref, provenance, provenance_lines, write_resul
 
 from compactor.data.windows import domain_windows
 from compactor.evaluate import evaluate
-from compactor.evaluate.backends import CachedBackend, TorchBackend
+from compactor.evaluate.backends import CachedBackend, LlamaCppBackend, TorchBackend
 from compactor.io import home
 from compactor.models.load import load_model
 from compactor.recipe import Recipe, run_recipe
@@ -43,7 +43,13 @@ ROWS = {
     "qad q4_0 256k": ("qad", "q4_0", 262144, {}),
     "gptq q3_k": ("ptq", "q3_k", 0, {}),
     "qad q3_k 64k": ("qad", "q3_k", 65536, {}),
+    # LoRA r16 by KD over the GPTQ Q4_0 base: the adapter file beside the base in llama.cpp,
+    # then the same adapter merged (GPTQ re-quantization on the grid / float linears)
+    "lora r16 128k q4_0 (adapter)": ("lora", "q4_0", 131072, {"rank": 16, "alpha": 32.0}),
+    "lora r16 128k q4_0 merged requantize": ("merge", "q4_0", 131072, {"merge": "requantize"}),
+    "lora r16 128k q4_0 merged float (f16 linears)": ("merge", "q4_0", 131072, {"merge": "float"}),
 }
+LORA = {"window": 256, "batch": 8, "micro_batch": 4, "lr": 2e-4, "eval_tokens": 4096, "checkpoint_every": 8}
 JSON = RESULTS / "qat.json"
 PTQ = {"diag_mix": 0.1}  # the GPTQ settings of every PTQ row and QAD init (recorded per row)
 QAT = {"window": 256, "batch": 8, "micro_batch": 4, "lr": 1e-5, "eval_tokens": 4096,
@@ -76,6 +82,34 @@ def _qad_dir(work, grid, tokens, settings, name, resume):
     return out, json.loads((out / "provenance.json").read_text())
 
 
+def _lora_dir(work, grid, tokens, settings, resume):
+    ptq = _ptq_dir(work, grid)
+    out = work / f"lora-{grid}-{tokens}"
+    if not (out / "model.gguf").exists():
+        recipe = Recipe.from_dict({
+            "model": str(ptq), "reference": BASE, "eval": {"after_each_stage": False, "speed": False},
+            "stages": [{"name": "lora", "steps": [
+                {"lora": {"teacher": BASE, "tokens": tokens, **LORA, **settings}},
+                {"export": {"format": "gguf", "embed_type": "q8_0"}}]}]})
+        run_recipe(recipe, out=out, overwrite=not resume, resume=resume)
+    return out
+
+
+def _merged_dir(work, grid, tokens, settings):
+    src = work / f"lora-{grid}-{tokens}"
+    if not (src / "model.gguf").exists():
+        raise SystemExit(f"{src}: run the adapter row first")
+    out = work / f"lora-{grid}-{tokens}-{settings['merge']}"
+    if not (out / "model.gguf").exists():
+        export = {"format": "gguf", "embed_type": "q8_0", **({"type": "f16"} if settings["merge"] == "float" else {})}
+        recipe = Recipe.from_dict({
+            "model": str(src), "reference": BASE, "eval": {"after_each_stage": False, "speed": False},
+            "calibration": {"data": "calib:mix", "samples": 128, "window": 512},
+            "stages": [{"name": "merge", "steps": [{"lora_merge": settings}, {"export": export}]}]})
+        run_recipe(recipe, out=out, overwrite=True, progress=False)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
@@ -98,20 +132,32 @@ def main() -> None:
         kind, grid, tokens, settings = ROWS[name]
         load = os.getloadavg()[0]
         t0 = time.perf_counter()
+        lora_file = None
         if kind == "ptq":
             out, train = _ptq_dir(work, grid), None
+        elif kind in ("lora", "merge"):
+            out = _lora_dir(work, grid, tokens, settings, args.resume) if kind == "lora" else \
+                _merged_dir(work, grid, tokens, settings)
+            src = work / f"lora-{grid}-{tokens}"
+            prov = json.loads((src / "provenance.json").read_text())
+            train = next(r for r in prov["reports"] if r["step"] == "lora")
+            lora_file = out / "model.lora.gguf" if kind == "lora" else None
         else:
             out, prov = _qad_dir(work, grid, tokens, settings, name, args.resume)
             train = next(r for r in prov["reports"] if r["step"] == "qat")
         seconds = time.perf_counter() - t0
         gguf = out / "model.gguf"
-        r = evaluate(str(gguf), win, reference=cached, speed=False, name=name, progress=False)
+        runtime = LlamaCppBackend(gguf, n_ctx=1024, lora_path=lora_file)
+        r = evaluate(runtime, win, reference=cached, speed=False, name=name, progress=False)
+        runtime.close()
         rec = {"row": name, "kind": kind, "grid": grid, "tokens": tokens, "settings": settings,
-               "ptq": PTQ, "qat": QAT if kind == "qad" else None, "file_bytes": gguf.stat().st_size,
+               "ptq": PTQ, "qat": QAT if kind == "qad" else None, "lora": LORA if kind in ("lora", "merge") else None,
+               "file_bytes": gguf.stat().st_size + (lora_file.stat().st_size if lora_file else 0),
+               "adapter_bytes": lora_file.stat().st_size if lora_file else 0,
                "kld_mean": r.kld_mean, "ppl": r.ppl, "domains": r.domains, "seconds": round(seconds, 1),
                "load_before": round(load, 2),
                "train": None if train is None else {k: train.get(k) for k in (
-                   "tokens", "steps", "train_seconds", "train_tok_s", "learned", "frozen_modules",
+                   "tokens", "steps", "train_seconds", "train_tok_s", "learned", "frozen_modules", "rank", "alpha",
                    "before", "after", "precision", "resumed_from")},
                "eval": {s: {"windows": len(w), "tokens_scored": w.n_scored} for s, w in win.items()},
                "prov": provenance()}
@@ -135,7 +181,7 @@ def render(records: list[dict]) -> None:
         kl = [r["domains"][s]["kld_mean"] for s in specs]
         mean = sum(kl) / len(kl)
         base = ptq.get(r["grid"])
-        if base and r["kind"] == "qad":
+        if base and r["kind"] != "ptq":
             b = sum(base["domains"][s]["kld_mean"] for s in specs) / len(specs)
             removed = f"{100 * (1 - mean / b):.1f} %"
         else:
@@ -158,7 +204,10 @@ def render(records: list[dict]) -> None:
         + " on calib:mix (128 x 512), embedding Q8_0. QAD: the qat step from that GPTQ output, KL to "
         "the float original, trained on calib:mix"
         + (" with " + ", ".join(f"{k}={v}" for k, v in qat.items()) if qat else "")
-        + ". 'Share removed' compares mean KLD with the GPTQ row of the same grid (equal bytes: "
+        + ". LoRA rows: adapters of the recorded rank by KD on calib:mix over the GPTQ Q4_0 base "
+        "(its codes frozen); '(adapter)' runs base + adapter GGUF in llama.cpp (file MB counts both), "
+        "the merged rows fold that same adapter in and re-quantize with GPTQ, or keep f16 linears "
+        "(a reference: bigger file). 'Share removed' compares mean KLD with the GPTQ row of the same grid (equal bytes: "
         "same types, same file size). Wall seconds include PTQ/training and export with its "
         "llama.cpp verification; load before above ~0.5 means another job shared the 2 cores.\n\n"
         + head + "\n".join(lines) + "\n\nRuns:\n\n" + provenance_lines(records))

@@ -73,6 +73,11 @@ def test_kd_lora_over_a_q4_base_recovers_held_out_kld_and_exports_beside_the_bas
     # the adapter file really changes llama.cpp's output (not a silently ignored file)
     from compactor.evaluate.backends import LlamaCppBackend
 
+    merged = run_recipe(Recipe.from_dict({
+        "model": str(out), "reference": str(d), "eval": {"data": str(ev), "tokens": 512, "window": 64, "speed": False},
+        "calibration": {"data": str(train), "samples": 8, "window": 64},
+        "stages": [{"name": "m", "steps": [{"lora_merge": {"merge": "requantize"}}]}]}), progress=False)
+    assert not lora_modules(merged.model) and isinstance(merged.model.model.layers[0].mlp.up_proj, QuantizedLinear)
     plain = LlamaCppBackend(out / "model.gguf").window_logits(win.input_ids[0])
     with_a = LlamaCppBackend(out / "model.gguf", lora_path=out / "model.lora.gguf").window_logits(win.input_ids[0])
     assert (plain - with_a).abs().max() > 1e-2

@@ -23,7 +23,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from compactor.config import check
+from compactor.config import StepConfig, check
 from compactor.distill.config import DistillConfig
 from compactor.errors import CompactorError
 from compactor.registry import register
@@ -231,3 +231,20 @@ def _lora(ctx, cfg: LoRAConfig) -> None:
         "before": first, "after": res.evals[-1] if res.evals else None, "evals": res.evals,
         "precision": "bf16" if trainer.autocast else "fp32",
     })
+
+
+@dataclass(frozen=True)
+class LoRAMergeConfig(StepConfig):
+    """Fold a model's LoRA adapters into their bases after the fact (e.g. on a ``lora``
+    output kept with ``merge: none``): ``requantize`` (GPTQ on the same GGUF grid, calibrated
+    on the recipe's calibration windows) or ``float``."""
+
+    name = "lora_merge"
+    merge: Literal["requantize", "float"] = "requantize"
+
+
+@register(LoRAMergeConfig, kind="model")
+def _lora_merge(ctx, cfg: LoRAMergeConfig) -> None:
+    if not lora_modules(ctx.loaded.model):
+        raise CompactorError("lora_merge: the model has no LoRA adapters")
+    ctx.reports.append({"step": cfg.name, "merge": cfg.merge, **merge_adapters(ctx, cfg)})
