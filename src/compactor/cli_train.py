@@ -57,6 +57,10 @@ def cmd_qat(args) -> int:
     if args.no_offsets:
         step["learn_offsets"] = False
     steps = init + [{"qat": step}]
+    if args.lora_rank:  # adapters over the trained codes, kept beside them (exported as an adapter GGUF)
+        keep = ("data", "tokens", "window", "batch", "micro_batch", "precision", "seed", "checkpoint_every")
+        steps.append({"lora": {"teacher": args.teacher, "rank": args.lora_rank, "alpha": 2.0 * args.lora_rank,
+                               **{k: step[k] for k in keep if k in step}}})
     if args.export:
         steps.append({"export": {"format": args.export,
                                  "file": "model.gguf" if args.export == "gguf" else "compressed-tensors"}})
@@ -146,6 +150,8 @@ def add_training_parsers(sub) -> None:
     t.add_argument("--checkpoint-every", type=int)
     t.add_argument("--calib-data", default="calib:mix", help="calibration text of the PTQ init")
     t.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    t.add_argument("--lora-rank", type=int, help="then train LoRA adapters of this rank over the "
+                   "trained codes (kept separate: with --export gguf, an adapter GGUF beside the base)")
     t.add_argument("--export", choices=["gguf", "compressed-tensors"],
                    help="also export (checked before training: the grid must fit the format)")
     t.add_argument("--eval-data", default="domains")

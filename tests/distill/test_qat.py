@@ -143,6 +143,9 @@ def test_cli_qat_exports_exactly_the_trained_codes_to_gguf(tiny_dir, tmp_path, c
             "--no-speed", "--export", "gguf", "--out", str(out)]
     assert main(args) == 0
     assert "KLD vs teacher" in capsys.readouterr().out
+    with_lora = args[:-1] + [str(tmp_path / "qat-lora"), "--lora-rank", "2"]
+    assert main(with_lora) == 0
+    assert (tmp_path / "qat-lora" / "model.lora.gguf").exists()
     model = load_model(str(out)).model  # codes restored from quantization-*.safetensors
     qmods = {n: m for n, m in model.named_modules() if isinstance(m, QuantizedLinear)}
     reader = GGUFReader(str(out / "model.gguf"))
