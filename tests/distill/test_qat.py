@@ -160,3 +160,23 @@ def test_cli_qat_exports_exactly_the_trained_codes_to_gguf(tiny_dir, tmp_path, c
     bad[bad.index(str(out))] = str(tmp_path / "bad")
     assert main(bad + ["--group-size", "32"]) == 2
     assert "not a GGUF block type" in capsys.readouterr().err and not (tmp_path / "bad").exists()
+
+
+def test_prune_distill_then_qad_then_export(tmp_path, tok):
+    """prune → distill → quantize → QAD → export, in one recipe (a student, not the teacher's
+    own shape, is trained in the grid; the teacher is the original)."""
+    pytest.importorskip("llama_cpp")
+    from compactor.models.tiny import tiny_model
+
+    d = tmp_path / "four"
+    tiny_model(num_hidden_layers=4).save_pretrained(d)
+    tok.save_pretrained(d)
+    train = _text(tmp_path / "t.txt", 9)
+    distill = dict(_qat(train)["qat"], ce=0.5, kl=0.5, lr=1e-3, tokens=64 * 8 * 4)
+    ctx = run_recipe(_recipe(d, train, train, [{"drop_layers": {"layers": [1, 2]}}, {"distill": distill},
+                                               {"rtn": {"grid": "q4_0"}}, _qat(train, tokens=64 * 8 * 4),
+                                               {"export": {"format": "gguf"}}]),
+                     out=tmp_path / "out", progress=False)
+    rep = next(r for r in ctx.reports if r["step"] == "qat")
+    assert ctx.model.config.num_hidden_layers == 2 and rep["after"]["kld"] < rep["before"]["kld"]
+    assert next(r for r in ctx.reports if r["step"] == "export")["verification"]["passed"]
