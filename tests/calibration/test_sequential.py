@@ -40,7 +40,7 @@ def _by_hand(model, windows, cfg, batch):
     return model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
 def test_runner_equals_layer_by_layer_by_hand(windows, family):
     cfg = GPTQConfig(grid="int", bits=4, group_size=32)
     m1 = tiny_model(family)

@@ -42,7 +42,7 @@ def test_qk_permutation_is_llamacpp_converters():
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
 def test_f32_file_matches_memory_in_llamacpp(tmp_path, tok, windows, family):
     """An unquantized export runs in llama.cpp with the same logits (families: one adapter
     entry each; qwen2 has q/k/v biases, gemma a norm offset and no q/k permutation)."""
@@ -152,3 +152,14 @@ def test_scaled_rope_runs_in_llamacpp_as_in_memory(tmp_path, tok, rope):
         assert any(t.name == "rope_freqs.weight" for t in exp.tensors)
         # the same file judged against the unscaled model fails: the factors matter
         assert not verify_gguf(copy.deepcopy(plain), exp, win).passed
+
+
+def test_gemma3_layouts_llamacpp_would_run_differently_are_refused(tmp_path, tok):
+    m = tiny_model("gemma3", num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"])
+    with pytest.raises(CompactorError, match="every 6th layer global"):
+        export_gguf(m, tmp_path / "a.gguf", tokenizer=tok, progress=False)
+    m = tiny_model("gemma3", rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 5e4},
+                                              "full_attention": {"rope_type": "default", "rope_theta": 1e6}})
+    with pytest.raises(CompactorError, match="RoPE base 50000"):
+        export_gguf(m, tmp_path / "b.gguf", tokenizer=tok, progress=False)
+    assert not list(tmp_path.iterdir())

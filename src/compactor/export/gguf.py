@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from compactor.errors import CompactorError
-from compactor.export.gguf_meta import (arch_metadata, llama3_rope_factors, provenance_metadata, rope_params,
+from compactor.export.gguf_meta import (arch_metadata, check_swa_layout, llama3_rope_factors, provenance_metadata, rope_params,
                                         tokenizer_from_gguf,
                                         tokenizer_from_transformers)
 from compactor.io import atomic_file
@@ -205,6 +205,8 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
         raise CompactorError(f"family {adapter.family!r} has no GGUF architecture in the adapter table")
     arch = {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[adapter.gguf_arch]
     cfg = model.config
+    if adapter.gguf_swa:
+        check_swa_layout(cfg, adapter.gguf_arch, *adapter.gguf_swa, str(path))
     name_map = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     if tokenizer_gguf is not None:
         tok_keys = tokenizer_from_gguf(Path(tokenizer_gguf), cfg.vocab_size)

@@ -20,16 +20,34 @@ _NORMAL, _CONTROL, _USER = 1, 3, 4
 def _rope_theta(config) -> float:
     theta = getattr(config, "rope_theta", None)
     if theta is None:  # transformers >= 5 keeps it in rope_parameters
-        theta = (getattr(config, "rope_parameters", None) or {}).get("rope_theta", 10000.0)
+        theta = rope_params(config).get("rope_theta", 10000.0)
     return float(theta)
 
 
-def rope_params(config) -> dict:
+def rope_params(config, layer_type: str = "full_attention") -> dict:
     """The RoPE parameters of a config (transformers >= 5 ``rope_parameters``, older
-    ``rope_scaling``), with its type under ``rope_type``."""
+    ``rope_scaling``), with its type under ``rope_type``. Models with per-layer-type RoPE
+    (Gemma 3: ``{"sliding_attention": ..., "full_attention": ...}``) give ``layer_type``'s."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if layer_type in params and isinstance(params[layer_type], dict):
+        params = dict(params[layer_type])
     params.setdefault("rope_type", params.get("type", "default") or "default")
     return params
+
+
+def check_swa_layout(config, arch: str, pattern: int, local_base: float, where: str) -> None:
+    """Refuse a sliding-window layout llama.cpp would run differently: its ``arch`` builds
+    every ``pattern``-th layer global (the rest sliding) with a fixed local RoPE base."""
+    types = getattr(config, "layer_types", None)
+    if types:
+        expect = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(len(types))]
+        if list(types) != expect:
+            raise CompactorError(f"{where}: layer_types {list(types)} differ from llama.cpp's {arch} layout "
+                                 f"(every {pattern}th layer global); the file would attend differently")
+    local = rope_params(config, "sliding_attention").get("rope_theta", local_base)
+    if float(local) != local_base:
+        raise CompactorError(f"{where}: sliding layers' RoPE base {local} differs from the {local_base} "
+                             f"llama.cpp's {arch} assumes")
 
 
 #: RoPE types llama.cpp runs and compactor writes: unscaled, linear (metadata), llama3 (a

@@ -41,6 +41,9 @@ class Adapter:
             this family for its RoPE layout; the GGUF exporter applies the same permutation.
         gguf_keys: extra GGUF metadata from the config: (key after ``{arch}.``, config
             attribute, GGUF value type); written when the attribute is set.
+        gguf_swa: (pattern, local RoPE base) llama.cpp hard-codes for this architecture's
+            sliding-window layers (every pattern-th layer global); the exporter refuses a
+            config that differs.
     """
 
     family: str
@@ -59,6 +62,7 @@ class Adapter:
     kv_heads_key: str = "num_key_value_heads"
     gguf_permute_qk: bool = False
     gguf_keys: tuple[tuple[str, str, str], ...] = ()
+    gguf_swa: tuple[int, float] | None = None
     sequential_groups: tuple[tuple[str, ...], ...] = field(default=())
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
 
@@ -99,6 +103,11 @@ ADAPTERS: tuple[Adapter, ...] = (
             gguf_keys=(("attn_logit_softcapping", "attn_logit_softcapping", "FLOAT32"),
                        ("final_logit_softcapping", "final_logit_softcapping", "FLOAT32"),
                        ("attention.sliding_window", "sliding_window", "UINT32"))),
+    # Gemma 3 (text): Gemma 2's layout plus per-head q/k RMSNorm (offset 1 like every Gemma
+    # norm), no soft-capping; 5 sliding-window layers per global one, local RoPE base 10k.
+    Adapter("gemma3", ("gemma3_text",), "gemma3", norm_offset=1.0, post_attn_norm="pre_feedforward_layernorm",
+            gguf_keys=(("attention.sliding_window", "sliding_window", "UINT32"),),
+            gguf_swa=(6, 10000.0)),
 )
 
 #: What a new family's entry must provide, quoted in the error for an unknown family.

@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
+    Gemma3TextConfig,
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
@@ -24,6 +25,7 @@ _CONFIGS = {
     "qwen3": Qwen3Config,
     "gemma": GemmaConfig,
     "gemma2": Gemma2Config,
+    "gemma3": Gemma3TextConfig,
 }
 
 #: Byte-level vocabulary: 256 bytes + BOS + EOS.
@@ -48,7 +50,7 @@ def tiny_config(family: str = "llama", **overrides):
         eos_token_id=257,
         pad_token_id=257,
     )
-    if family == "gemma2":  # its attention scale and window, sized for the tiny model
+    if family in ("gemma2", "gemma3"):  # attention scale and window, sized for the tiny model
         kw.update(query_pre_attn_scalar=16, sliding_window=32)
     kw.update(overrides)
     return _CONFIGS[family](**kw)
