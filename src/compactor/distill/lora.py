@@ -111,7 +111,11 @@ class LoRAConfig(DistillConfig):
     quantized base (fail otherwise). ``merge``: ``none`` keeps the adapters separate (saved
     beside the model, exported as a llama.cpp adapter GGUF), ``requantize`` merges into the
     dequantized weight and re-quantizes it with GPTQ on the same grid, ``float`` merges into a
-    float weight. Defaults: KD to the original on the mixed-domain text."""
+    float weight. ``init``: ``zeros`` (B = 0: training starts from the base), ``svd`` (B·A =
+    the best rank-r approximation of the quantization error W − Q, LoftQ's step with Q fixed)
+    or ``eora`` (the same in the eigenspace of the inputs' second moment, from the calibration
+    windows — a training-free correction that already helps before any step). Defaults: KD
+    to the original on the mixed-domain text."""
 
     name = "lora"
     rank: int = 16
@@ -120,6 +124,7 @@ class LoRAConfig(DistillConfig):
     ignore: tuple[str, ...] = ("lm_head",)
     qlora: bool = False
     merge: Literal["none", "requantize", "float"] = "none"
+    init: Literal["zeros", "svd", "eora"] = "zeros"
     ce: float = 0.0
     kl: float = 1.0
     data: str = "calib:mix"
@@ -158,6 +163,66 @@ def wrap_targets(model: nn.Module, cfg: LoRAConfig, seed: int) -> list[str]:
     for n in names:
         model.set_submodule(n, LoRALinear(model.get_submodule(n), cfg.rank, cfg.alpha, g))
     return names
+
+
+def low_rank_error(delta: torch.Tensor, rank: int, hessian: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B [out, r], A [r, in]) with B·A the rank-r approximation of ``delta`` [out, in] that
+    minimizes ‖(delta − B·A)·X‖ for inputs with second moment ``hessian`` = E[x xᵀ] (EoRA,
+    Liu et al. 2024, arXiv:2410.21271); plain Frobenius (truncated SVD) without it."""
+    d = delta.double()
+    if hessian is None:
+        u, sv, vh = torch.linalg.svd(d, full_matrices=False)
+        return (u[:, :rank] * sv[:rank]).float(), vh[:rank].float()
+    lam, q = torch.linalg.eigh(hessian.double())  # H = Q Λ Qᵀ
+    lam = lam.clamp_min(lam.max() * 1e-10)
+    proj = q * lam.sqrt()  # [in, in]: Q Λ^½ — errors weighted by how much input they see
+    u, sv, vh = torch.linalg.svd(d @ proj, full_matrices=False)
+    b = u[:, :rank] * sv[:rank]
+    a = vh[:rank] @ (q / lam.sqrt()).T  # V_rᵀ Λ^-½ Qᵀ maps back to the input basis
+    return b.float(), a.float()
+
+
+@dataclass(frozen=True)
+class _SecondMoments(StepConfig):
+    """Sequential-runner settings for collecting each target's input second moment."""
+
+    name = "eora_moments"
+
+
+def init_adapters(ctx, cfg: "LoRAConfig", names: list[str]) -> None:
+    """Set the adapters of ``names`` to a low-rank fit of the quantization error W − Q, W the
+    original's weight (``svd``/``eora``; ``eora`` weights it by the calibration inputs)."""
+    from compactor.calibration.sequential import run_sequential
+
+    model = ctx.loaded.model
+    ref = ctx.reference()
+    if ref is None:
+        raise CompactorError(f"lora.init {cfg.init} needs the original weights (a recipe reference)")
+    hessians: dict[str, torch.Tensor] = {}
+    if cfg.init == "eora":
+        chosen = set(names)
+
+        def record(module, _cfg, name, stats):
+            hessians[name] = stats.hessian()
+            return module
+
+        with detached_adapters(model):
+            run_sequential(model, ctx.calib_windows(), record, _SecondMoments(), adapter=ctx.loaded.adapter,
+                           skip=lambda n: n not in chosen, true_sequential=False, progress=False)
+    for n in names:
+        m = model.get_submodule(n)
+        try:
+            w = ref.model.get_submodule(n).weight.detach().float()
+        except AttributeError:
+            raise CompactorError(f"lora.init {cfg.init}: the original has no module {n}") from None
+        if w.shape != (m.out_features, m.in_features):
+            raise CompactorError(f"lora.init {cfg.init}: {n} is {m.out_features} x {m.in_features} here but "
+                                 f"{tuple(w.shape)} in the original (after a structured cut: use init zeros)")
+        b, a = low_rank_error(w - m.base.weight.detach().float(), cfg.rank, hessians.get(n))
+        with torch.no_grad():
+            m.lora_A.copy_(a)
+            m.lora_B.copy_(b / m.scaling)
 
 
 def _only_adapters(model) -> list[dict]:
@@ -218,12 +283,15 @@ def _lora(ctx, cfg: LoRAConfig) -> None:
                                  f"{model.get_submodule(bad[0]).label!r}, which GPTQ re-quantization here "
                                  "supports only on GGUF types; use merge: float or none")
     names = wrap_targets(model, cfg, cfg.seed)
+    if cfg.init != "zeros":
+        init_adapters(ctx, cfg, names)
     student, res, trainer = run_distill(ctx, cfg, param_groups=_only_adapters)
     ctx.loaded.model = student.model.eval()
     merged = merge_adapters(ctx, cfg) if cfg.merge != "none" else {"merged": 0}
     first = res.evals[0] if res.evals and res.resumed_from is None else None
     ctx.reports.append({
         "step": cfg.name, "modules": len(names), "rank": cfg.rank, "alpha": cfg.alpha, "merge": cfg.merge,
+        "init": cfg.init,
         "adapter_params": sum(m.lora_A.numel() + m.lora_B.numel() for m in lora_modules(model).values())
         if cfg.merge == "none" else None, **merged,
         "steps": res.steps, "tokens": res.tokens, "train_seconds": round(res.seconds, 1),
