@@ -207,6 +207,15 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
     cfg = model.config
     if adapter.gguf_swa:
         check_swa_layout(cfg, adapter.gguf_arch, *adapter.gguf_swa, str(path))
+    if adapter.gguf_square_attn:
+        heads = getattr(cfg, adapter.heads_key)
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        if heads * hd != cfg.hidden_size:
+            raise CompactorError(
+                f"{path}: llama.cpp's {adapter.gguf_arch} architecture builds q/o projections of "
+                f"hidden x hidden ({cfg.hidden_size}), but this model has {heads} heads x {hd} = "
+                f"{heads * hd} (attention heads were cut): it cannot run there; export "
+                "compressed-tensors or ONNX, or cut MLP channels/layers instead")
     name_map = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
     if tokenizer_gguf is not None:
         tok_keys = tokenizer_from_gguf(Path(tokenizer_gguf), cfg.vocab_size)

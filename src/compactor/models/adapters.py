@@ -44,6 +44,9 @@ class Adapter:
         gguf_swa: (pattern, local RoPE base) llama.cpp hard-codes for this architecture's
             sliding-window layers (every pattern-th layer global); the exporter refuses a
             config that differs.
+        gguf_square_attn: llama.cpp builds this architecture's q/o projections as
+            hidden x hidden, so heads x head_dim must equal the hidden size (a head cut
+            cannot run there; the exporter refuses it by name).
     """
 
     family: str
@@ -63,6 +66,7 @@ class Adapter:
     gguf_permute_qk: bool = False
     gguf_keys: tuple[tuple[str, str, str], ...] = ()
     gguf_swa: tuple[int, float] | None = None
+    gguf_square_attn: bool = False
     sequential_groups: tuple[tuple[str, ...], ...] = field(default=())
     smooth_pairs: tuple[tuple[str, tuple[str, ...]], ...] = field(default=())
 
@@ -92,7 +96,7 @@ class Adapter:
 ADAPTERS: tuple[Adapter, ...] = (
     Adapter("llama", ("llama",), "llama", gguf_permute_qk=True),
     Adapter("mistral", ("mistral",), "llama", gguf_permute_qk=True),
-    Adapter("qwen2", ("qwen2",), "qwen2"),
+    Adapter("qwen2", ("qwen2",), "qwen2", gguf_square_attn=True),
     # Qwen3: per-head q/k RMSNorm inside attention (after the projections, so AWQ's
     # input-norm -> q/k/v folding still holds), no q/k/v biases.
     Adapter("qwen3", ("qwen3",), "qwen3"),
