@@ -52,8 +52,11 @@ ROWS = {
 LORA = {"window": 256, "batch": 8, "micro_batch": 4, "lr": 2e-4, "eval_tokens": 4096, "checkpoint_every": 8}
 JSON = RESULTS / "qat.json"
 PTQ = {"diag_mix": 0.1}  # the GPTQ settings of every PTQ row and QAD init (recorded per row)
-QAT = {"window": 256, "batch": 8, "micro_batch": 4, "lr": 1e-5, "eval_tokens": 4096,
-       "checkpoint_every": 8}
+# lr: at 32 steps (64k tokens) Adam moves a latent weight by at most ~32 x 5e-5 = 1.6e-3, about a
+# tenth of a typical Q4_0 step on SmolLM2, so codes can flip near their boundaries; scales move
+# at a fifth of that rate. Chosen a priori (not tuned on any evaluation split).
+QAT = {"window": 256, "batch": 8, "micro_batch": 4, "lr": 5e-5, "scale_lr": 0.2, "eval_tokens": 4096,
+       "eval_data": "chat:eval", "checkpoint_every": 8}
 
 
 def _ptq_dir(work, grid):
