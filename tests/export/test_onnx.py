@@ -26,3 +26,32 @@ def test_quantized_model_to_onnx_with_int8(tmp_path, tok):
     assert (tmp_path / "q" / "model.int8.onnx").exists() and res8.summary["size_bytes"] < res.summary["size_bytes"]
     # int8 weights + activations: a different model, close but not identical
     assert 1e-5 < res8.verification["kld_mean"] < 0.5
+
+
+@pytest.mark.parametrize("grid,kw,expect", [("q4_0", {}, 14), ("int", {"bits": 4, "group_size": 32}, 14),
+                                            ("q5_0", {}, 0)])
+def test_4bit_codes_go_into_matmul_nbits_unchanged(tmp_path, tok, grid, kw, expect):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    torch.manual_seed(4)
+    win = make_windows(torch.randint(0, 258, (2 * 48,)), 48)
+    m = tiny_model("llama")
+    quantize_(m, RTNConfig(grid=grid, **kw))
+    res = export_model(LoadedModel(m, tok, adapter_for(m), "tiny"), "onnx", tmp_path / "o", windows=win,
+                       progress=False)
+    assert res.summary["matmul_nbits"] == expect
+    assert res.verification["kld_mean"] < 1e-5 and res.verification["top1"] > 0.99
+    g = onnx.load(str(tmp_path / "o" / "model.onnx"))
+    if not expect:
+        assert "q5_0" in next(iter(res.summary["kept_float"]))
+        return
+    inits = {i.name: numpy_helper.to_array(i) for i in g.graph.initializer}
+    node = next(n for n in g.graph.node if n.op_type == "MatMulNBits" and "down_proj" in n.name)
+    q = m.model.layers[0].mlp.down_proj if "layers_0" in node.name else m.model.layers[1].mlp.down_proj
+    packed = inits[node.input[1]]
+    # unpack by hand: low nibble = even element, high = odd; value - 8 is our code
+    u = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(q.out_features, -1).astype(np.int64) - 8
+    assert np.array_equal(u, q.codes.numpy())
+    assert np.array_equal(inits[node.input[2]], q.qparams.scale.numpy().reshape(-1))

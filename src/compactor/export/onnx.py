@@ -1,8 +1,10 @@
 """ONNX export (``input_ids [batch, seq] -> logits [batch, seq, vocab]``) checked in onnxruntime.
 
 The graph is traced with torch's dynamo exporter (the TorchScript exporter cannot lower
-transformers' mask code). Quantized linears are exported with their dequantized weights
-(ONNX has no ggml block types); ``int8=True`` then applies onnxruntime's own dynamic int8
+transformers' mask code). Quantized linears on 4-bit symmetric grids (GGUF Q4_0, int4 per
+group) then carry their codes and scales into onnxruntime's ``MatMulNBits``
+(:mod:`compactor.export.onnx_nbits`); other grids keep their dequantized weights (ONNX has no
+ggml block types), and the summary says which. ``int8=True`` then applies onnxruntime's own dynamic int8
 quantization (``quantize_dynamic``: per-channel int8 weights, activations quantized per
 batch at run time) and keeps both files. No KV cache: this graph scores or prefills.
 """
@@ -52,7 +54,13 @@ def export_onnx(model, out_dir: Path, int8: bool = False) -> dict:
         except Exception as exc:  # the exporter raises many types; name the model and cause
             raise CompactorError(f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:300]}") from None
-    summary = {"file": path.name, "size_bytes": path.stat().st_size}
+    summary = {"file": path.name}
+    from compactor.export.onnx_nbits import rewrite_matmul_nbits
+    from compactor.quant.qlinear import QuantizedLinear
+
+    if any(isinstance(m, QuantizedLinear) for m in model.modules()):  # our 4-bit codes, unchanged
+        summary.update(rewrite_matmul_nbits(path, model))
+    summary["size_bytes"] = path.stat().st_size
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
