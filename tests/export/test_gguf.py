@@ -42,7 +42,7 @@ def test_qk_permutation_is_llamacpp_converters():
 
 
 @needs_llamacpp
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3", "phi3"])
 def test_f32_file_matches_memory_in_llamacpp(tmp_path, tok, windows, family):
     """An unquantized export runs in llama.cpp with the same logits (families: one adapter
     entry each; qwen2 has q/k/v biases, gemma a norm offset and no q/k permutation)."""

@@ -5,7 +5,7 @@ from compactor.models.adapters import ADAPTERS, adapter_for, adapter_for_model_t
 from compactor.models.tiny import tiny_model
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3", "phi3"])
 def test_adapter_names_exist_in_tiny_models(family):
     m = tiny_model(family)
     a = adapter_for(m)

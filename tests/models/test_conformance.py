@@ -27,6 +27,7 @@ FAMILIES = {
     "gemma": {},
     "gemma2": {},
     "gemma3": {},
+    "phi3": {},  # fused qkv_proj / gate_up_proj
 }
 
 _GGUF = {"format": "gguf", "file": "m.gguf"}
@@ -56,7 +57,8 @@ OPERATIONS = {
 
 
 #: (family, operation) -> the refusal llama.cpp's limits call for (named before writing)
-REFUSED = {("qwen2", "kv-head and channel cuts + gguf"): "builds q/o projections of hidden x hidden"}
+REFUSED = {("qwen2", "kv-head and channel cuts + gguf"): "builds q/o projections of hidden x hidden",
+           ("phi3", "kv-head and channel cuts + gguf"): "builds q/o projections of hidden x hidden"}
 
 
 def _case_ids():

@@ -87,3 +87,31 @@ def test_bad_cuts():
         drop_layers(m, [5])
     with pytest.raises(CompactorError, match="2 key/value heads exist; cannot keep 3"):
         prune_kv_groups(m, [torch.arange(3)] * 2)
+
+
+def test_fused_projections_are_cut_by_their_split_geometry():
+    """Phi-3's qkv_proj / gate_up_proj: a KV-head and a channel cut equal the same cuts made on
+    the unfused equivalent (the fused rows sliced per part)."""
+    import copy
+
+    from compactor.models.tiny import tiny_model
+    from compactor.prune.structured import prune_kv_groups, prune_mlp_channels
+
+    m = tiny_model("phi3")
+    ref = copy.deepcopy(m)
+    keep_kv, keep_ch = [torch.tensor([1])] * 2, [torch.tensor([3, 9, 64, 100])] * 2
+    prune_kv_groups(m, keep_kv)
+    prune_mlp_channels(m, keep_ch)
+    hd, ff = 16, 128
+    for lm, lr in zip(m.model.layers, ref.model.layers):
+        w = lr.self_attn.qkv_proj.weight
+        q, k, v = w[:64], w[64:96], w[96:128]
+        q_keep = torch.cat([q[32:48], q[48:64]])  # query heads 2, 3 attend through kv head 1
+        expect = torch.cat([q_keep, k[16:32], v[16:32]])
+        assert torch.equal(lm.self_attn.qkv_proj.weight, expect)
+        assert torch.equal(lm.self_attn.o_proj.weight, lr.self_attn.o_proj.weight[:, 32:64])
+        g = lr.mlp.gate_up_proj.weight
+        assert torch.equal(lm.mlp.gate_up_proj.weight, torch.cat([g[:ff][keep_ch[0]], g[ff:][keep_ch[0]]]))
+        assert torch.equal(lm.mlp.down_proj.weight, lr.mlp.down_proj.weight[:, keep_ch[0]])
+    x = torch.randint(0, 256, (1, 12))
+    assert torch.isfinite(m(x).logits).all() and m.config.num_key_value_heads == 1

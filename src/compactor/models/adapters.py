@@ -73,24 +73,32 @@ class Adapter:
     def __post_init__(self) -> None:
         q, k, v, o = self.attn
         gate, up, down = self.mlp
+        uniq = lambda *names: tuple(dict.fromkeys(names))  # a fused projection appears once
         if not self.sequential_groups:
-            object.__setattr__(self, "sequential_groups", ((q, k, v), (o,), (gate, up), (down,)))
+            object.__setattr__(self, "sequential_groups", (uniq(q, k, v), (o,), uniq(gate, up), (down,)))
         if not self.smooth_pairs:
-            object.__setattr__(
-                self,
-                "smooth_pairs",
-                (
-                    (self.input_norm, (q, k, v)),
-                    (v, (o,)),  # exact only when n_heads == n_kv_heads or per-group scales
-                    (self.post_attn_norm, (gate, up)),
-                    (up, (down,)),
-                ),
-            )
+            pairs = [(self.input_norm, uniq(q, k, v))]
+            if v != q:  # a fused qkv output is not v alone: no v -> o folding
+                pairs.append((v, (o,)))  # exact only when n_heads == n_kv_heads or per-group scales
+            pairs.append((self.post_attn_norm, uniq(gate, up)))
+            if up != gate:  # a fused gate_up output is not down's input
+                pairs.append((up, (down,)))
+            object.__setattr__(self, "smooth_pairs", tuple(pairs))
+
+    @property
+    def fused_qkv(self) -> bool:
+        """q, k and v are one projection (rows: q heads, then k, then v)."""
+        return self.attn[0] == self.attn[1] == self.attn[2]
+
+    @property
+    def fused_gate_up(self) -> bool:
+        """gate and up are one projection (rows: gate, then up)."""
+        return self.mlp[0] == self.mlp[1]
 
     @property
     def linears(self) -> tuple[str, ...]:
         """All linear layers inside one decoder layer, in sequential order."""
-        return tuple(name for group in self.sequential_groups for name in group)
+        return tuple(dict.fromkeys(name for group in self.sequential_groups for name in group))
 
 
 ADAPTERS: tuple[Adapter, ...] = (
@@ -112,6 +120,10 @@ ADAPTERS: tuple[Adapter, ...] = (
     Adapter("gemma3", ("gemma3_text",), "gemma3", norm_offset=1.0, post_attn_norm="pre_feedforward_layernorm",
             gguf_keys=(("attention.sliding_window", "sliding_window", "UINT32"),),
             gguf_swa=(6, 10000.0)),
+    # Phi-3: fused q/k/v and gate/up projections (one input, one Hessian each); structured
+    # cuts slice them by the split geometry (rows: q, k, v heads; gate, then up).
+    Adapter("phi3", ("phi3",), "phi3", attn=("self_attn.qkv_proj",) * 3 + ("self_attn.o_proj",),
+            mlp=("mlp.gate_up_proj", "mlp.gate_up_proj", "mlp.down_proj"), gguf_square_attn=True),
 )
 
 #: What a new family's entry must provide, quoted in the error for an unknown family.

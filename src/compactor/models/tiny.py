@@ -13,6 +13,7 @@ from transformers import (
     GemmaConfig,
     LlamaConfig,
     MistralConfig,
+    Phi3Config,
     PreTrainedTokenizerFast,
     Qwen2Config,
     Qwen3Config,
@@ -26,6 +27,7 @@ _CONFIGS = {
     "gemma": GemmaConfig,
     "gemma2": Gemma2Config,
     "gemma3": Gemma3TextConfig,
+    "phi3": Phi3Config,
 }
 
 #: Byte-level vocabulary: 256 bytes + BOS + EOS.

@@ -71,10 +71,14 @@ def prune_mlp_channels(model, keep: list[torch.Tensor], adapter: Adapter | None 
     if width < 1:
         raise CompactorError("prune_mlp_channels: at least one channel must remain in every layer")
     gate, up, down = adapter.mlp
+    inter = model.config.intermediate_size
     for layer, k in zip(layers, keep):
         k = torch.sort(k).values
-        layer.set_submodule(gate, _slice_linear(layer.get_submodule(gate), rows=k))
-        layer.set_submodule(up, _slice_linear(layer.get_submodule(up), rows=k))
+        if adapter.fused_gate_up:  # rows [gate | up]: the same channels of each half
+            layer.set_submodule(gate, _slice_linear(layer.get_submodule(gate), rows=torch.cat([k, inter + k])))
+        else:
+            layer.set_submodule(gate, _slice_linear(layer.get_submodule(gate), rows=k))
+            layer.set_submodule(up, _slice_linear(layer.get_submodule(up), rows=k))
         layer.set_submodule(down, _slice_linear(layer.get_submodule(down), cols=k))
     model.config.intermediate_size = width
 
@@ -100,9 +104,14 @@ def prune_kv_groups(model, keep: list[torch.Tensor], adapter: Adapter | None = N
         kv_rows = (kk[:, None] * hd + torch.arange(hd)).flatten()
         q_heads = (kk[:, None] * rep + torch.arange(rep)).flatten()
         q_rows = (q_heads[:, None] * hd + torch.arange(hd)).flatten()
-        layer.set_submodule(q, _slice_linear(layer.get_submodule(q), rows=q_rows))
-        layer.set_submodule(k_, _slice_linear(layer.get_submodule(k_), rows=kv_rows))
-        layer.set_submodule(v, _slice_linear(layer.get_submodule(v), rows=kv_rows))
+        if adapter.fused_qkv:  # rows [q heads | k heads | v heads]
+            nq, nk = n_heads * hd, n_kv * hd
+            rows = torch.cat([q_rows, nq + kv_rows, nq + nk + kv_rows])
+            layer.set_submodule(q, _slice_linear(layer.get_submodule(q), rows=rows))
+        else:
+            layer.set_submodule(q, _slice_linear(layer.get_submodule(q), rows=q_rows))
+            layer.set_submodule(k_, _slice_linear(layer.get_submodule(k_), rows=kv_rows))
+            layer.set_submodule(v, _slice_linear(layer.get_submodule(v), rows=kv_rows))
         layer.set_submodule(o, _slice_linear(layer.get_submodule(o), cols=q_rows))
     setattr(cfg, adapter.heads_key, width * rep)
     setattr(cfg, adapter.kv_heads_key, width)
