@@ -133,9 +133,10 @@ def test_unsupported_rope_scaling_is_refused(tmp_path, tok):
     {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
      "original_max_position_embeddings": 64, "rope_theta": 10000.0},
     {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0},
 ])
 def test_scaled_rope_runs_in_llamacpp_as_in_memory(tmp_path, tok, rope):
-    """Llama 3.x scaling (the rope_freqs tensor llama.cpp's converter writes) and linear
+    """Llama 3.x scaling (the rope_freqs tensor llama.cpp's converter writes), linear and YaRN
     scaling (metadata): llama.cpp reproduces the scaled in-memory model — and an unscaled
     model's logits differ, so the check can fail."""
     import copy
@@ -152,6 +153,14 @@ def test_scaled_rope_runs_in_llamacpp_as_in_memory(tmp_path, tok, rope):
         assert any(t.name == "rope_freqs.weight" for t in exp.tensors)
         # the same file judged against the unscaled model fails: the factors matter
         assert not verify_gguf(copy.deepcopy(plain), exp, win).passed
+
+
+def test_yarn_settings_llamacpp_would_run_differently_are_refused(tmp_path, tok):
+    rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 1e4,
+            "beta_fast": 16.0}
+    with pytest.raises(CompactorError, match="YaRN beta_fast 16.0 differs"):
+        export_gguf(tiny_model("llama", rope_parameters=rope), tmp_path / "y.gguf", tokenizer=tok, progress=False)
+    assert not list(tmp_path.iterdir())
 
 
 def test_gemma3_layouts_llamacpp_would_run_differently_are_refused(tmp_path, tok):

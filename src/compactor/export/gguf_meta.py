@@ -50,9 +50,9 @@ def check_swa_layout(config, arch: str, pattern: int, local_base: float, where: 
                              f"llama.cpp's {arch} assumes")
 
 
-#: RoPE types llama.cpp runs and compactor writes: unscaled, linear (metadata), llama3 (a
-#: ``rope_freqs`` tensor of per-dimension factors, as llama.cpp's converter writes it).
-ROPE_TYPES = ("default", "linear", "llama3")
+#: RoPE types llama.cpp runs and compactor writes: unscaled, linear and YaRN (metadata),
+#: llama3 (a ``rope_freqs`` tensor of per-dimension factors, as llama.cpp's converter writes it).
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 
 def _check_rope(config, where: str) -> None:
@@ -122,7 +122,28 @@ def arch_metadata(config, arch: str, where: str = "model", extra: tuple = ()) ->
     if rope["rope_type"] == "linear":
         meta[f"{arch}.rope.scaling.type"] = ("linear", "STRING")
         meta[f"{arch}.rope.scaling.factor"] = (float(rope["factor"]), f)
+    if rope["rope_type"] == "yarn":
+        _check_yarn(rope, where)
+        orig = rope.get("original_max_position_embeddings") or config.max_position_embeddings
+        meta[f"{arch}.rope.scaling.type"] = ("yarn", "STRING")
+        meta[f"{arch}.rope.scaling.factor"] = (float(rope["factor"]), f)
+        meta[f"{arch}.rope.scaling.original_context_length"] = (int(orig), u)
     return meta
+
+
+def _check_yarn(rope: dict, where: str) -> None:
+    """llama.cpp derives YaRN's attention factor (0.1·ln(factor) + 1) and uses β 32 / 1; refuse
+    settings it would run differently, by name."""
+    import math
+
+    factor = float(rope["factor"])
+    att = rope.get("attention_factor")
+    if att is not None and abs(att - (0.1 * math.log(factor) + 1)) > 1e-6:
+        raise CompactorError(f"{where}: YaRN attention_factor {att} differs from the 0.1·ln(factor)+1 "
+                             "llama.cpp derives")
+    for key, default in (("beta_fast", 32.0), ("beta_slow", 1.0)):
+        if float(rope.get(key, default) or default) != default:
+            raise CompactorError(f"{where}: YaRN {key} {rope[key]} differs from llama.cpp's {default}")
 
 
 def tokenizer_from_gguf(path: Path, vocab_size: int) -> list[tuple[str, Any, Any, Any]]:
