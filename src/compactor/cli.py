@@ -144,7 +144,7 @@ def cmd_quantize(args) -> int:
         print(f"grid: {args.grid} (the default; --grid int --group-size 64 for an int grid)")
     grid = {"grid": args.grid, "bits": args.bits or 4, "group_size": args.group_size or 128,
             "symmetric": not args.asym}
-    gptq = {**grid, "act_order": args.act_order, "dampening": args.dampening}
+    gptq = {**grid, "act_order": args.act_order, "dampening": args.dampening, "diag_mix": args.diag_mix}
     mixed = {"target_bpw": args.target_bpw, "sensitivity": args.sensitivity, "then": args.then,
              "embeddings": args.sensitivity == "kl" and not args.no_embeddings}
     if args.candidates:
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-act-order", dest="act_order", action="store_false",
                    help="GPTQ without activation order (default: act-order with static groups)")
     q.add_argument("--dampening", type=float, default=0.01, help="GPTQ damping fraction (default 0.01)")
+    q.add_argument("--diag-mix", type=float, default=0.1,
+                   help="GPTQ: solve with (1-λ)H + λ·diag(H); 0.1 (default) transfers best across "
+                        "domains (bench/results/gptq_domains.md), 0 is classic GPTQ")
     q.add_argument("--clip", action="store_true", help="AWQ: also search per-group clipping ranges")
     q.add_argument("--target-bpw", type=float, default=4.5,
                    help="mixed: average bits per weight over the linears (+ embedding) (default 4.5)")
