@@ -4,6 +4,8 @@ Each case runs a one-stage recipe on a tiny random checkpoint of the family (sav
 loaded as a transformers directory) and checks what the operation promises: the model still
 evaluates against the original, compression happened, and every export is verified in its
 runtime (llama.cpp, transformers + compressed-tensors, onnxruntime) by the export itself.
+GPTQ per family is in tests/calibration/test_sequential.py, f32 GGUF parity per family in
+tests/export/test_gguf.py.
 """
 
 import importlib.util
@@ -34,7 +36,6 @@ _GGUF = {"format": "gguf", "file": "m.gguf"}
 #: operation -> (steps, what to check, runtime package needed)
 OPERATIONS = {
     "rtn q4_0 + gguf": ([{"rtn": {"grid": "q4_0"}}, {"export": _GGUF}], "export", "llama_cpp"),
-    "gptq q4_k + gguf": ([{"gptq": {"grid": "q4_k"}}, {"export": _GGUF}], "export", "llama_cpp"),
     "awq+gptq int4 + compressed-tensors": (
         [{"awq": {"grid": "int", "group_size": 32, "then": "none"}},
          {"gptq": {"grid": "int", "group_size": 32}},
