@@ -63,3 +63,20 @@ def test_mixed_precision_with_planned_embedding_in_llama_cpp(smol, tmp_path):
     # 210 linears + the embedding, all written as codes; only the norms stay float.
     assert v["passed"] and v["tensors_checked"] == 211 and v["max_tensor_error"] == 0.0
     assert res.summary["tensors_by_origin"] == {"codes": 211, "float": 61}
+
+
+def test_onnx_q4_0_codes_in_matmul_nbits(smol, tmp_path):
+    """The real model's Q4_0 codes go into onnxruntime's MatMulNBits unchanged: every decoder
+    linear replaced, the file a fraction of the float graph, onnxruntime equal to memory."""
+    pytest.importorskip("onnxruntime")
+    from compactor.data.windows import windows_for
+
+    loaded = copy.copy(smol)
+    loaded.model = copy.deepcopy(smol.model)
+    quantize_(loaded.model, RTNConfig(grid="q4_0"))
+    win = windows_for(smol.tokenizer, "austen:eval", 512, max_tokens=1024)
+    res = export_model(loaded, "onnx", tmp_path / "onnx", windows=win, progress=False)
+    assert res.summary["matmul_nbits"] == 210 and not res.summary["kept_float"]
+    assert res.verification["passed"] and res.verification["kld_mean"] < 1e-4
+    # 4.5-bit linears, the float32 embedding (tied head) kept: well under half the float graph
+    assert res.summary["size_bytes"] < 0.45 * 134_515_008 * 4
