@@ -38,6 +38,7 @@ BASE = "smollm2-135m"
 #: row -> (kind, grid, QAD tokens, qat settings)
 ROWS = {
     "gptq q4_0": ("ptq", "q4_0", 0, {}),
+    "qad q4_0 16k": ("qad", "q4_0", 16384, {}),  # a first look: 8 optimizer steps
     "qad q4_0 64k": ("qad", "q4_0", 65536, {}),
     "qad q4_0 64k scales only": ("qad", "q4_0", 65536, {"learn": "scales", "scale_lr": 1.0}),
     "qad q4_0 256k": ("qad", "q4_0", 262144, {}),
@@ -66,7 +67,7 @@ def _ptq_dir(work, grid):
             "model": BASE, "eval": {"after_each_stage": False, "speed": False},
             "calibration": {"data": "calib:mix", "samples": 128, "window": 512},
             "stages": [{"name": "gptq", "steps": [{"gptq": {"grid": grid, **PTQ}},
-                                                  {"export": {"format": "gguf", "embed_type": "q8_0"}}]}]})
+                                                  {"export": {"format": "gguf", "embed_type": "q8_0", "score": False}}]}]})
         run_recipe(recipe, out=out, overwrite=True, progress=False)
     return out
 
@@ -80,7 +81,7 @@ def _qad_dir(work, grid, tokens, settings, name, resume):
         "model": str(ptq), "reference": BASE, "eval": {"after_each_stage": False, "speed": False},
         "stages": [{"name": "qad", "steps": [
             {"qat": {"teacher": BASE, "tokens": tokens, **QAT, **settings}},
-            {"export": {"format": "gguf", "embed_type": "q8_0"}}]}]})
+            {"export": {"format": "gguf", "embed_type": "q8_0", "score": False}}]}]})
     run_recipe(recipe, out=out, overwrite=not resume, resume=resume)
     return out, json.loads((out / "provenance.json").read_text())
 
@@ -93,7 +94,7 @@ def _lora_dir(work, grid, tokens, settings, resume):
             "model": str(ptq), "reference": BASE, "eval": {"after_each_stage": False, "speed": False},
             "stages": [{"name": "lora", "steps": [
                 {"lora": {"teacher": BASE, "tokens": tokens, **LORA, **settings}},
-                {"export": {"format": "gguf", "embed_type": "q8_0"}}]}]})
+                {"export": {"format": "gguf", "embed_type": "q8_0", "score": False}}]}]})
         run_recipe(recipe, out=out, overwrite=not resume, resume=resume)
     return out
 
@@ -104,7 +105,7 @@ def _merged_dir(work, grid, tokens, settings):
         raise SystemExit(f"{src}: run the adapter row first")
     out = work / f"lora-{grid}-{tokens}-{settings['merge']}"
     if not (out / "model.gguf").exists():
-        export = {"format": "gguf", "embed_type": "q8_0", **({"type": "f16"} if settings["merge"] == "float" else {})}
+        export = {"format": "gguf", "embed_type": "q8_0", "score": False, **({"type": "f16"} if settings["merge"] == "float" else {})}
         recipe = Recipe.from_dict({
             "model": str(src), "reference": BASE, "eval": {"after_each_stage": False, "speed": False},
             "calibration": {"data": "calib:mix", "samples": 128, "window": 512},
