@@ -93,10 +93,10 @@ def _freezer(cfg: QATConfig):
 
 
 def quantized_modules(model) -> list[str]:
-    from compactor.quant.qlinear import QuantizedEmbedding, QuantizedLinear
+    """Names of the model's quantized linears (the embedding aside)."""
+    from compactor.quant.storage import quantized_modules as stored
 
-    return [n for n, m in model.named_modules() if isinstance(m, QuantizedLinear)
-            and not isinstance(m, QuantizedEmbedding)]
+    return list(stored(model, linear_only=True))
 
 
 def check_exportable(model, fmt: str) -> None:
