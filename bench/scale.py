@@ -14,6 +14,10 @@ peak RSS is the kernel's count for the whole process tree (torchrun workers incl
   GPTQ Q4_0 on a few calibration windows. Quality on random weights means nothing: these rows
   measure memory, time and disk.
 * ``torchrun``: SmolLM2 GPTQ on 1 and 2 processes, outputs compared.
+* ``vocab``: a Gemma-3-270M-shaped checkpoint (262,144-token vocabulary, random bf16
+  weights): RTN Q4_0 and its evaluation against the original on 16 x 512 tokens, in memory
+  and streamed — peak RSS of evaluating a 262k vocabulary. ``--baseline-src DIR`` adds the
+  same runs with the code of another checkout (e.g. one from before chunked evaluation).
 
 Records go to ``bench/results/scale.json`` after every run (``--resume`` skips those
 already there); ``bench/results/scale.md`` renders from that file only.
@@ -86,10 +90,18 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-def make_synthetic(dest: Path, layers: int) -> None:
-    """Random Llama weights (normal, std 0.02; norms 1) in bf16 shards, SmolLM2's tokenizer."""
+#: Gemma-3-270M's text shape (262k vocabulary, tied head)
+GEMMA3_270M = {"hidden_size": 640, "intermediate_size": 2048, "num_hidden_layers": 18,
+               "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 256,
+               "vocab_size": 262144, "sliding_window": 512, "query_pre_attn_scalar": 256,
+               "rope_theta": 1000000.0, "tie_word_embeddings": True}
+
+
+def make_synthetic(dest: Path, layers: int, family: str = "llama") -> None:
+    """Random weights (normal, std 0.02; norms 1) in bf16 shards, SmolLM2's tokenizer:
+    ``llama`` in :data:`SYNTH`'s shape, or ``gemma3`` in :data:`GEMMA3_270M`'s."""
     import torch
-    from transformers import LlamaConfig
+    from transformers import Gemma3TextConfig, LlamaConfig
 
     from compactor.models.load import load_model
     from compactor.models.stream import skeleton_from_config
@@ -98,9 +110,15 @@ def make_synthetic(dest: Path, layers: int) -> None:
     if (dest / "config.json").exists():
         return
     tok = load_model("smollm2-135m", stream=True).tokenizer
-    cfg = LlamaConfig(**SYNTH, num_hidden_layers=layers, max_position_embeddings=4096,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, rope_theta=500000.0)
-    cfg.architectures = ["LlamaForCausalLM"]
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    if family == "gemma3":
+        cfg = Gemma3TextConfig(**{**GEMMA3_270M, "num_hidden_layers": layers}, max_position_embeddings=4096,
+                               **ids)
+        cfg.architectures = ["Gemma3ForCausalLM"]
+    else:
+        cfg = LlamaConfig(**SYNTH, num_hidden_layers=layers, max_position_embeddings=4096, rope_theta=500000.0,
+                          **ids)
+        cfg.architectures = ["LlamaForCausalLM"]
     skel = skeleton_from_config(cfg)
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -181,6 +199,35 @@ def part_torchrun(records, args) -> None:
            **same_outputs(WORK / "torchrun-1", WORK / "torchrun-2"), **codes_differing(WORK / "torchrun-1", WORK / "torchrun-2"))
 
 
+def part_vocab(records, args) -> None:
+    src = WORK / "synthetic-gemma3-270m"
+    if not (src / "config.json").exists():
+        t0 = time.perf_counter()
+        make_synthetic(src, GEMMA3_270M["num_hidden_layers"], "gemma3")
+        record(records, "vocab make", part="vocab", step="make", seconds=round(time.perf_counter() - t0, 1),
+               disk_bytes=du(src))
+    codes = {"current": None}
+    if args.baseline_src:
+        codes["baseline"] = Path(args.baseline_src).resolve()
+    for code, path in codes.items():
+        for mode in ("memory", "streamed"):
+            key = f"vocab {code} {mode}"
+            if args.resume and any(r["key"] == key for r in records):
+                continue
+            out = WORK / f"gemma3-{code}-{mode}"
+            env = {"PYTHONPATH": str(path / "src")} if path else None
+            commit = (subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip() if path else None)
+            r = timed(compactor("quantize", str(src), "--method", "rtn", "--grid", "q4_0", "--data", "austen:eval",
+                                "--tokens", str(args.vocab_tokens), "--no-speed", "--force", "--out", str(out),
+                                *(["--stream"] if mode == "streamed" else [])), env=env)
+            res = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else []
+            ev = next((e for e in reversed(res) if e.get("kld_mean") is not None), {})
+            record(records, key, part="vocab", step=mode, code=code, code_commit=commit, tokens=args.vocab_tokens,
+                   kld_mean=ev.get("kld_mean"), **r)
+            shutil.rmtree(out / "reference-logits", ignore_errors=True)
+
+
 def _gb(b) -> str:
     return "" if b is None else f"{b / 1e9:.2f}"
 
@@ -231,6 +278,20 @@ def _write(records: list[dict]) -> None:
                    + (f"; {ident['codes_differing']:,} of {ident['codes']:,} codes differ "
                       f"({ident['codes_differing'] / ident['codes']:.2%}) in {ident['modules_differing']} of "
                       f"{ident['modules']} modules" if "codes" in ident else "") + ".\n")
+    voc = [r for r in records if r.get("part") == "vocab" and r.get("step") != "make"]
+    if voc:
+        v, n = GEMMA3_270M["vocab_size"], voc[0]["tokens"] // 512
+        out.append("## A 262k vocabulary: Gemma-3-270M shape (random bf16 weights), RTN Q4_0 + evaluation\n\n"
+                   f"Evaluation: {voc[0]['tokens']:,} tokens of austen:eval in {n} windows of 512 against the "
+                   f"original (its logits cached on disk in float16, {n * 512 * v * 2 / 1e9:.1f} GB). For scale: "
+                   f"one window's float32 logits are {512 * v * 4 / 1e6:.0f} MB, and {n} windows held in float16 "
+                   f"would be {n * 512 * v * 2 / 1e9:.1f} GB.\n\n"
+                   "| code | model | wall s | peak RSS GB | planned peak | KLD | load before | run |\n|---|---|---|---|---|---|---|---|\n"
+                   + "\n".join(f"| {r['code']}{' (' + r['code_commit'] + ')' if r.get('code_commit') else ''}"
+                               f"{'' if not r.get('exit_code') else ' FAILED: ' + str(r['error'])} | {r['step']} | "
+                               f"{r['seconds']:.0f} | {_gb(r.get('peak_rss_bytes'))} | {r.get('planned_peak') or ''} | "
+                               f"{'' if r.get('kld_mean') is None else format(r['kld_mean'], '.4f')} | "
+                               f"{r.get('load_before', '')} | {prov_ref(records, r)} |" for r in voc) + "\n")
     write_result("scale", "Scale: streaming, a synthetic >7B model, torchrun",
                  "Peak RSS: `/usr/bin/time -v`'s maximum resident set size of the whole command "
                  "(process tree). 'load before': the 1-minute load average when the run started "
@@ -245,6 +306,8 @@ def main() -> None:
     ap.add_argument("--max-memory", default="8GB")
     ap.add_argument("--gptq-windows", type=int, default=4)
     ap.add_argument("--gptq-depths", type=int, nargs="*", default=[8, 32])
+    ap.add_argument("--vocab-tokens", type=int, default=8192)
+    ap.add_argument("--baseline-src", default=None, help="vocab part: also run another checkout's code")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
@@ -254,7 +317,8 @@ def main() -> None:
     provenance()
     WORK.mkdir(parents=True, exist_ok=True)
     for part in args.parts:
-        {"smol": part_smol, "synthetic": part_synthetic, "torchrun": part_torchrun}[part](records, args)
+        {"smol": part_smol, "synthetic": part_synthetic, "torchrun": part_torchrun,
+         "vocab": part_vocab}[part](records, args)
 
 
 if __name__ == "__main__":

@@ -122,7 +122,15 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
         items.append(("one forward batch's intermediates", _BATCH * length * (inter * 3 + hidden * 4) * 4))
     if eval_windows is not None:
         n, length = eval_windows
-        items.append(("evaluation: one window's logits, both models", length * vocab * 4 * 4))
+        from compactor.evaluate.backends import TorchBackend, chunk_rows
+
+        # Small vocabularies take whole windows through the model's forward; larger ones are
+        # scored chunk by chunk (evaluate.backends): the metrics take about 6 float32
+        # temporaries of a chunk per model (log-softmax, exp, products).
+        whole = length * vocab * 4
+        rows = length if whole <= TorchBackend.MAX_WINDOW_BYTES else chunk_rows(vocab)
+        items.append(("evaluation: logits of one chunk of positions, both models",
+                      min(whole, rows * vocab * 4) * 2 + min(rows, chunk_rows(vocab)) * vocab * 4 * 6 * 2))
         if streamed:
             items.append(("evaluation: final hidden states of every window", n * length * hidden * 4 * 2))
     if max_memory is not None:

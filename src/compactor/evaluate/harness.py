@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from compactor.data.windows import TokenWindows
 from compactor.errors import CompactorError
 from compactor.evaluate.backends import (Backend, CachedBackend, LlamaCppBackend, TorchBackend,
-                                         iter_logits)
+                                         chunk_rows, iter_chunks)
 from compactor.evaluate.streamed import StreamedBackend
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
 from compactor.evaluate.metrics import StreamingStats
@@ -75,13 +75,6 @@ def as_backend(obj, name: str | None = None, n_ctx: int = 1024) -> Backend:
     )
 
 
-def _drain(ref, win: TokenWindows):
-    """Fill a disk-cached reference for ``win`` now, then read it back window by window."""
-    for _ in ref.iter_logits(win.input_ids):
-        pass
-    return ref.iter_logits(win.input_ids)
-
-
 def mean_over_domains(per_domain: dict[str, dict]) -> dict:
     """The headline of a multi-domain evaluation: every domain weighs the same, whatever its
     token count. PPL is the geometric mean (the exp of the mean NLL per domain); KLD mean,
@@ -134,20 +127,36 @@ def evaluate(
     reset_peak_rss()
     per_domain: dict[str, dict] = {}
     t0 = time.perf_counter()
+    # Logits move in chunks of positions sized to the vocabulary, so a 262k-vocabulary model
+    # never has a whole window's logits (537 MB at 512 tokens) in memory, let alone two.
+    rows = chunk_rows(cand.vocab_size)
     for spec, win in by_domain.items():
         stats = StreamingStats()
-        # A cached reference is filled first (one pass, layer by layer if streamed), so a
-        # streamed reference and candidate never run at the same time.
-        ref_iter = (None if ref is None else _drain(ref, win) if isinstance(ref, CachedBackend)
-                    else iter_logits(ref, win.input_ids))
-        cand_iter = iter_logits(cand, win.input_ids)
-        for i in tqdm(range(len(win)), desc=f"eval {cand.name} {spec}".rstrip(),
-                      disable=not progress, unit="win", leave=False):
-            ids, mask = win.input_ids[i], win.score_mask[i]
-            # Row t of the logits predicts token t+1: align logits[:-1] with ids[1:].
-            logits = next(cand_iter)[:-1]
-            ref_logits = next(ref_iter)[:-1] if ref_iter is not None else None
-            stats.update(logits, ids[1:], mask[1:], ref_logits)
+        length = win.length
+        if isinstance(ref, CachedBackend):
+            # Filled first (one pass, layer by layer if streamed), so a streamed reference
+            # and candidate never run at the same time.
+            ref.fill(win.input_ids, rows)
+        ref_iter = None if ref is None else iter_chunks(ref, win.input_ids, rows)
+        bar = tqdm(total=len(win), desc=f"eval {cand.name} {spec}".rstrip(), disable=not progress,
+                   unit="win", leave=False)
+        for i, s, logits in iter_chunks(cand, win.input_ids, rows):
+            ref_logits = None
+            if ref_iter is not None:
+                j, rs, ref_logits = next(ref_iter)
+                if (j, rs) != (i, s) or ref_logits.shape != logits.shape:
+                    raise CompactorError(f"{ref.name} and {cand.name} gave logits of different "
+                                         f"shapes at window {i}, position {s}")
+            # Row t of the logits predicts token t+1: rows [s, e) score ids[s+1 : e+1], and
+            # the window's last row predicts nothing.
+            e = min(s + logits.shape[0], length - 1)
+            if e > s:
+                ids, mask = win.input_ids[i], win.score_mask[i]
+                stats.update(logits[: e - s], ids[s + 1 : e + 1], mask[s + 1 : e + 1],
+                             None if ref_logits is None else ref_logits[: e - s])
+            if s + logits.shape[0] >= length:
+                bar.update(1)
+        bar.close()
         per_domain[spec] = stats.summary()
     eval_seconds = time.perf_counter() - t0
     summary = per_domain[""] if "" in per_domain else mean_over_domains(per_domain)

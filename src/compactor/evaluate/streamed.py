@@ -14,12 +14,13 @@ from typing import Iterator
 
 import torch
 
+from compactor.evaluate.backends import head_logits
 from compactor.models.adapters import decoder_layers
 from compactor.models.load import LoadedModel
 
 
 class StreamedBackend:
-    """A streamed :class:`LoadedModel` as an evaluation backend (``iter_logits``)."""
+    """A streamed :class:`LoadedModel` as an evaluation backend (``iter_chunks``)."""
 
     kind = "torch (streamed)"
 
@@ -32,8 +33,10 @@ class StreamedBackend:
         self.vocab_size = loaded.model.config.vocab_size
 
     @torch.inference_mode()
-    def iter_logits(self, input_ids: torch.Tensor) -> Iterator[torch.Tensor]:
-        """``input_ids [N, L]`` -> float32 logits ``[L, V]`` for each window, in order."""
+    def iter_chunks(self, input_ids: torch.Tensor, rows: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """``input_ids [N, L]`` -> ``(window, first row, float32 logits [<= rows, V])`` in
+        order: every layer runs over all windows first, then the head ``rows`` positions at
+        a time."""
         from compactor.calibration.sequential import _capture_layer0, _out
         from compactor.data.windows import TokenWindows
 
@@ -51,14 +54,15 @@ class StreamedBackend:
         with store.parts(model, [a.final_norm, a.lm_head, a.embed], a):
             norm, head = model.get_submodule(a.final_norm), model.get_submodule(a.lm_head)
             softcap = getattr(model.config, "final_logit_softcapping", None)
-            for h, _ in states:
-                logits = head(norm(h)).float()
-                if softcap:
-                    logits = torch.tanh(logits / softcap) * softcap
-                yield from logits
+            w = 0
+            for h, _ in states:  # [B, L, H] per batch of windows
+                for hb in h:
+                    for s in range(0, hb.shape[0], rows):
+                        yield w, s, head_logits(head, norm(hb[s : s + rows]), softcap)
+                    w += 1
 
     def window_logits(self, ids: torch.Tensor) -> torch.Tensor:
-        return next(iter(self.iter_logits(ids[None])))
+        return torch.cat([c for _, _, c in self.iter_chunks(ids[None], 1 << 20)])
 
     def speed(self, *args, **kwargs) -> dict:
         return {}  # a streamed model reads its weights from disk: its speed is not a runtime's

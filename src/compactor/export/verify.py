@@ -166,13 +166,12 @@ def verify_gguf(model, exp: GGUFExport, windows, max_kld: float = MAX_KLD,
         # llama.cpp's copy of the file are never in memory together.
         import tempfile
 
-        from compactor.evaluate.backends import CachedBackend
+        from compactor.evaluate.backends import CachedBackend, chunk_rows
         from compactor.evaluate.harness import as_backend
 
         cache_dir = tempfile.mkdtemp(prefix=".verify-logits-", dir=str(exp.path.parent))
         expected = CachedBackend(as_backend(expected), directory=cache_dir)
-        for _ in expected.iter_logits(windows.input_ids):
-            pass
+        expected.fill(windows.input_ids, chunk_rows(expected.vocab_size))
         loaded.store.overrides = {}
     runtime = LlamaCppBackend(exp.path, n_ctx=max(1024, windows.length + 160), name=exp.path.name,
                               lora_path=lora_path)
