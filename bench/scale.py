@@ -161,20 +161,24 @@ def part_synthetic(records, args) -> None:
             record(records, f"synthetic make {layers}", part="synthetic", step="make", layers=layers,
                    seconds=round(time.perf_counter() - t0, 1), disk_bytes=du(src))
         key = f"synthetic rtn {layers}"
-        if not (args.resume and any(r["key"] == key for r in records)):
+        want_gguf = layers == 32 and "gguf" in args.steps and not (
+            args.resume and any(r["key"] == f"synthetic gguf {layers}" for r in records))
+        rtn_out = WORK / f"synthetic-{layers}l-rtn"
+        if "rtn" in args.steps and (not (args.resume and any(r["key"] == key for r in records))
+                                    or (want_gguf and not (rtn_out / "config.json").exists())):
             out = WORK / f"synthetic-{layers}l-rtn"
             r = timed(compactor("quantize", str(src), "--method", "rtn", "--grid", "q4_0", "--stream",
                                 "--no-eval", "--max-memory", args.max_memory, "--force", "--out", str(out)))
             record(records, key, part="synthetic", step="rtn", layers=layers, disk_bytes=du(out), **r)
         key = f"synthetic gguf {layers}"
-        if layers == 32 and not (args.resume and any(r["key"] == key for r in records)):
+        if want_gguf:
             gg = WORK / f"synthetic-{layers}l-q4_0.gguf"
             r = timed(compactor("export", str(WORK / f"synthetic-{layers}l-rtn"), "--format", "gguf",
                                 "--stream", "--force", "--out", str(gg)))
             record(records, key, part="synthetic", step="gguf", layers=layers,
                    disk_bytes=gg.stat().st_size, **r)
         key = f"synthetic gptq {layers}"
-        if layers in args.gptq_depths and not (args.resume and any(r["key"] == key for r in records)):
+        if "gptq" in args.steps and layers in args.gptq_depths and not (args.resume and any(r["key"] == key for r in records)):
             out = WORK / f"synthetic-{layers}l-gptq"
             r = timed(compactor("quantize", str(src), "--method", "gptq", "--grid", "q4_0", "--stream",
                                 "--samples", str(args.gptq_windows), "--no-eval", "--max-memory",
@@ -306,6 +310,7 @@ def main() -> None:
     ap.add_argument("--max-memory", default="8GB")
     ap.add_argument("--gptq-windows", type=int, default=4)
     ap.add_argument("--gptq-depths", type=int, nargs="*", default=[8, 32])
+    ap.add_argument("--steps", nargs="*", default=["rtn", "gguf", "gptq"], help="synthetic part: which steps")
     ap.add_argument("--vocab-tokens", type=int, default=8192)
     ap.add_argument("--baseline-src", default=None, help="vocab part: also run another checkout's code")
     ap.add_argument("--resume", action="store_true")

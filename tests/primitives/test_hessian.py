@@ -52,3 +52,15 @@ def test_inverse_cholesky_upper_equals_naive(n):
     assert torch.equal(U, torch.triu(U))
     assert (U.double() - naive).abs().max() / naive.abs().max() < 1e-4
     assert torch.allclose((U.double().T @ U.double()), torch.linalg.inv(H), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("n,block", [(1, 4), (37, 8), (64, 64), (130, 32)])
+def test_lower_triangular_inverse_equals_naive(n, block):
+    from compactor.primitives.hessian import lower_triangular_inverse
+
+    g = torch.Generator().manual_seed(n)
+    X = torch.randn(2 * n + 3, n, generator=g, dtype=torch.float64)
+    L = torch.linalg.cholesky(X.T @ X / n + 0.1 * torch.eye(n, dtype=torch.float64))
+    got = lower_triangular_inverse(L, block)
+    torch.testing.assert_close(got, torch.linalg.inv(L), rtol=1e-9, atol=1e-9)
+    assert torch.equal(got, got.tril())

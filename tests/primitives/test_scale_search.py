@@ -72,3 +72,16 @@ def test_codebook_search_beats_absmax_mapping():
         near = lambda dd: levels[((xi / dd)[:, None] - levels).abs().argmin(-1)] * dd
         mx = float(xi[xi.abs().argmax()])
         assert _err(xi, wi, near(float(d[i]))) <= _err(xi, wi, near(mx / float(levels[0]))) * (1 + 1e-5)
+
+
+def test_searches_by_chunks_of_blocks_equal_one_call(monkeypatch):
+    import compactor.primitives.scale_search as ss
+
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(1000, 32, generator=g), torch.rand(1000, 32, generator=g)
+    lv = torch.tensor([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113])
+    whole = (ss.search_symmetric(x, w, -8, 7), ss.search_scale_min(x, w, 15), ss.search_codebook(x, w, lv))
+    monkeypatch.setattr(ss, "ROWS", 96)  # not a divisor of 1000: a short last chunk
+    chunked = (ss.search_symmetric(x, w, -8, 7), ss.search_scale_min(x, w, 15), ss.search_codebook(x, w, lv))
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[2], chunked[2])
+    assert all(torch.equal(a, b) for a, b in zip(whole[1], chunked[1]))

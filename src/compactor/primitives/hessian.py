@@ -69,23 +69,52 @@ def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tens
     return H, dead
 
 
-def inverse_cholesky_upper(H: torch.Tensor) -> torch.Tensor:
+def inverse_cholesky_upper(H: torch.Tensor, consume: bool = False) -> torch.Tensor:
     """Upper Cholesky factor U of H^-1 (H^-1 = U^T U; what GPTQ's column updates read),
     float32.
 
     With J the order reversal, H~ = J H J = L~ L~^T gives H^-1 = J L~^-T L~^-1 J, so
     U = J L~^-1 J: one Cholesky and one triangular solve (2/3 n^3), instead of Cholesky,
     inverse and a second Cholesky — 11x faster here at n = 2048, equal to 3e-7.
+    ``consume``: H is the caller's scratch copy and may be overwritten (at n = 14,336 every
+    n x n float32 copy is 0.8 GB, so the solve keeps at most three alive).
     Retries with growing damping if H is numerically not positive definite.
     """
     damp = 0.0
     n = H.shape[0]
-    eye = torch.eye(n, dtype=H.dtype)
-    rev = H.flip(0).flip(1)
+    rev = H.flip((0, 1))
+    if consume:
+        H.resize_(0)  # the caller's copy is no longer needed: free it now
     for _ in range(6):
         try:
-            L = torch.linalg.cholesky(rev + damp * eye)
-            return torch.linalg.solve_triangular(L, eye, upper=False).flip(0).flip(1)
+            if damp:
+                torch.diagonal(rev).add_(damp)
+            L = torch.linalg.cholesky(rev)
+            break
         except torch.linalg.LinAlgError:
-            damp = max(damp * 10, 1e-6 * float(torch.diagonal(H).mean()))
-    raise ValueError("Hessian is not positive definite even after extra damping")
+            new = max(damp * 10, 1e-6 * float(torch.diagonal(rev).mean()))
+            torch.diagonal(rev).sub_(damp)
+            damp = new
+    else:
+        raise ValueError("Hessian is not positive definite even after extra damping")
+    del rev
+    inv = lower_triangular_inverse(L)
+    del L
+    return inv.flip((0, 1))
+
+
+def lower_triangular_inverse(L: torch.Tensor, block: int = 1024) -> torch.Tensor:
+    """L^-1 of a lower-triangular ``L [n, n]``, by blocks of columns.
+
+    Why blocks: L^-1 is lower triangular too, so the columns of block [j, j+b) are zero
+    above row j and solve only the trailing system L[j:, j:] X = I[j:, j:j+b]. That costs
+    sum (n - j)^2 b ~ n^3 / 3 multiply-adds, a third of one solve against the whole identity.
+    """
+    n = L.shape[0]
+    out = torch.zeros_like(L)
+    for j in range(0, n, block):
+        b = min(block, n - j)
+        rhs = torch.zeros(n - j, b, dtype=L.dtype)
+        rhs[:b].fill_diagonal_(1.0)
+        out[j:, j:j + b] = torch.linalg.solve_triangular(L[j:, j:], rhs, upper=False)
+    return out

@@ -18,6 +18,7 @@ import torch
 from compactor.config import check
 from compactor.errors import CompactorError
 from compactor.primitives.hessian import inverse_cholesky_upper, prepare_hessian
+from compactor.primitives.threads import one_thread
 from compactor.primitives.masks import nm_keep_mask, parse_pattern, topk_keep_mask
 from compactor.prune.spec import PruneConfig
 from compactor.quant.qlinear import QuantizedLinear
@@ -54,7 +55,8 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, 
     out, n = W.shape
     H, dead = prepare_hessian(H, percdamp)
     W[:, dead] = 0
-    Hinv = inverse_cholesky_upper(H)
+    Hinv = inverse_cholesky_upper(H, consume=True)
+    del H
     keep = torch.ones(out, n, dtype=torch.bool)
     codes = torch.zeros(out, n, dtype=torch.int32) if qp is not None else None
     if nm is not None and block_size % nm[1]:
@@ -67,22 +69,23 @@ def sparsegpt(W: torch.Tensor, H: torch.Tensor, sparsity: float, nm: tuple[int, 
         if nm is None:
             # OBS saliency of removing w_j alone: w_j^2 / [H^-1]_jj^2 (U's diagonal squared)
             keep[:, i1:i2] = topk_keep_mask(W1 ** 2 / d1[None, :] ** 2, sparsity, "layer")
-        for i in range(i2 - i1):
-            if nm is not None and i % nm[1] == 0:
-                g = slice(i, i + nm[1])
-                keep[:, i1 + i:i1 + i + nm[1]] = nm_keep_mask(W1[:, g] ** 2 / d1[None, g] ** 2, *nm)
-            w = W1[:, i]
-            k = keep[:, i1 + i]
-            if qp is not None:
-                c, vq = qp.quantize_column(w, i1 + i)
-                codes[:, i1 + i] = c * k
-                v = vq * k  # code 0 is value 0 on the grids allowed here
-            else:
-                v = w * k
-            err = (w - v) / d1[i]
-            W1[:, i:] -= err[:, None] * Hinv[i1 + i, i1 + i:i2][None, :]
-            W1[:, i] = v
-            Err1[:, i] = err
+        with one_thread():  # many small vector ops: see compactor.primitives.threads
+            for i in range(i2 - i1):
+                if nm is not None and i % nm[1] == 0:
+                    g = slice(i, i + nm[1])
+                    keep[:, i1 + i:i1 + i + nm[1]] = nm_keep_mask(W1[:, g] ** 2 / d1[None, g] ** 2, *nm)
+                w = W1[:, i]
+                k = keep[:, i1 + i]
+                if qp is not None:
+                    c, vq = qp.quantize_column(w, i1 + i)
+                    codes[:, i1 + i] = c * k
+                    v = vq * k  # code 0 is value 0 on the grids allowed here
+                else:
+                    v = w * k
+                err = (w - v) / d1[i]
+                W1[:, i:] -= err[:, None] * Hinv[i1 + i, i1 + i:i2][None, :]
+                W1[:, i] = v
+                Err1[:, i] = err
         W[:, i1:i2] = W1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
     return W, keep, codes
