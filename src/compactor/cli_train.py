@@ -15,11 +15,17 @@ def cmd_distill(args) -> int:
     from compactor.recipe import Recipe, run_recipe
 
     step = {k: getattr(args, k) for k in _DISTILL_KEYS if getattr(args, k) is not None}
-    data = {"model": args.teacher,
+    model, step["teacher"] = args.teacher, "original"
+    if args.teacher_stream:
+        # The student is a model of its own (the recipe's model); the teacher stays on disk
+        # and gives its signal through the top-k cache.
+        model = args.student
+        step.update(teacher=args.teacher, student="current", teacher_stream=True, signal="cache")
+    data = {"model": model,
             "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.window or 256,
                      "speed": not args.no_speed},
             "calibration": {"data": args.calib_data, "samples": 32, "window": args.window or 256},
-            "stages": [{"name": "distill", "steps": [{"distill": {"teacher": "original", **step}}]}]}
+            "stages": [{"name": "distill", "steps": [{"distill": step}]}]}
     ctx = run_recipe(Recipe.from_dict(data, where="compactor distill"), out=args.out,
                      overwrite=args.force, resume=args.resume)
     if ctx.out_dir is None:
@@ -91,6 +97,9 @@ def add_training_parsers(sub) -> None:
     d.add_argument("--student", default="layers:0.5",
                    help="student spec: layers:every-other, layers:0.5[:angular], channels:0.25, heads:0.33, "
                         "config:k=v,..., random, same, a model path, or '+'-chained (default layers:0.5)")
+    d.add_argument("--teacher-stream", action="store_true",
+                   help="a teacher bigger than memory: read it layer by layer from its safetensors shards "
+                        "into the top-k cache; --student is then the student model (alias or directory)")
     d.add_argument("--calib-data", default="calib:mix", help="text for importance-based student cuts")
     d.add_argument("--data", help="training text (default austen:train)")
     d.add_argument("--tokens", type=int, help="training token budget")

@@ -38,6 +38,10 @@ class DistillConfig(StepConfig):
     temperature: float = 1.0
     # teacher signal
     signal: Literal["live", "cache"] = "live"
+    #: read the teacher layer by layer from its safetensors shards (a teacher bigger than
+    #: memory): it fills the top-k cache and the evaluation's logit cache, one layer at a time
+    #: over all windows, and is never in memory whole nor beside the student
+    teacher_stream: bool = False
     top_k: int = 64
     cache_dir: str | None = None
     sequence_kd: bool = False  # train on teacher-generated continuations of the data windows
@@ -95,6 +99,14 @@ class DistillConfig(StepConfig):
             check(self.reverse_kl == self.gjsd == self.tv == 0,
                   "distill: with signal: cache only kl (top-k forward KL) and ce are available")
             check(self.on_policy == 0, "distill: on-policy samples must be scored by a live teacher (signal: live)")
+        if self.teacher_stream:
+            check(self.signal == "cache", "distill.teacher_stream: a streamed teacher gives its signal "
+                  "through the top-k cache (signal: cache)")
+            check(not self.sequence_kd, "distill.teacher_stream: sequence_kd generates text token by token "
+                  "and needs the teacher in memory")
+            check(self.teacher != "current", "distill.teacher_stream: the current model is already in memory")
+            check(self.student == "current", "distill.teacher_stream: the student must be the recipe's "
+                  "current model (building one from the teacher's weights needs the teacher in memory)")
 
     @property
     def needs_hidden(self) -> bool:

@@ -23,7 +23,14 @@ from compactor.registry import register
 
 
 def _teacher(ctx, cfg: DistillConfig):
-    """(teacher model, identity string)."""
+    """(teacher model, identity string); with ``teacher_stream`` the model is a streamed
+    :class:`~compactor.models.load.LoadedModel` (a skeleton whose layers stay on disk)."""
+    if cfg.teacher_stream:
+        from compactor.models.load import load_model
+
+        loaded = load_model(ctx.recipe.model if cfg.teacher == "original" else cfg.teacher, stream=True)
+        check_vocab(ctx.loaded.model, loaded.model, ctx.loaded.tokenizer, loaded.tokenizer)
+        return loaded, cfg.teacher if cfg.teacher != "original" else ctx.recipe.model
     if cfg.teacher == "original":
         # The recipe's reference is the original only when it says so (it may be another model).
         ref = ctx.reference() if ctx.recipe.reference == "original" else None
@@ -83,12 +90,14 @@ def run_distill(ctx, cfg: DistillConfig, progress: bool = True, param_groups=Non
     from compactor.io import home
 
     teacher, teacher_id = _teacher(ctx, cfg)
-    student = _student(ctx, cfg, teacher)
+    streamed = cfg.teacher_stream
+    student = _student(ctx, cfg, teacher.model if streamed else teacher)
     n_before = sum(r.get("step") == cfg.name for r in ctx.reports)  # one workdir per training step
     workdir = ctx.work_dir / f"{cfg.name}-{ctx.stage}-{n_before}"
     ids = train_windows(ctx, cfg, teacher, workdir, progress)
     autocast = use_bf16(cfg.precision)
-    t_digest = state_digest(teacher)  # one pass over the teacher's weights
+    # In memory: one pass over the teacher's weights; streamed: a sample of its files.
+    t_digest = teacher.store.input.digest() if streamed else state_digest(teacher)
     if cfg.signal == "cache":
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else home() / "teacher-cache" / (
             f"{t_digest}-{windows_digest(ids)}-k{cfg.top_k}")
@@ -97,9 +106,18 @@ def run_distill(ctx, cfg: DistillConfig, progress: bool = True, param_groups=Non
     else:
         signal = LiveTeacher(teacher, autocast)
     eval_win = windows_for(ctx.loaded.tokenizer, cfg.eval_data, cfg.window, max_tokens=cfg.eval_tokens)
-    trainer = Distiller(student, signal, cfg, ids, workdir, teacher_model=teacher, eval_windows=eval_win,
-                        progress=progress, identity={"teacher": f"{teacher_id}@{t_digest}"},
-                        param_groups=param_groups)
+    reference = None
+    if streamed:
+        # The evaluation's teacher logits: one layer-wise pass, cached on disk.
+        from compactor.evaluate.backends import CachedBackend
+        from compactor.evaluate.streamed import StreamedBackend
+
+        reference = CachedBackend(StreamedBackend(teacher, "teacher"), half=True,
+                                  directory=workdir / "teacher-logits")
+    trainer = Distiller(student, signal, cfg, ids, workdir, teacher_model=None if streamed else teacher,
+                        eval_windows=eval_win, progress=progress,
+                        identity={"teacher": f"{teacher_id}@{t_digest}"}, param_groups=param_groups,
+                        reference=reference)
     result = trainer.train(resume=ctx.resume, on_step=on_step)
     return student, result, trainer
 

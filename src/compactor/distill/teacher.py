@@ -92,21 +92,25 @@ class TopKCache:
     def _shard_path(self, s: int) -> Path:
         return self.dir / f"shard_{s:05d}.npz"
 
-    def build(self, teacher_model, micro_batch: int = 4, autocast: bool = False, progress: bool = True) -> None:
-        """Run the teacher over every window not cached yet."""
+    def build(self, teacher, micro_batch: int = 4, autocast: bool = False, progress: bool = True) -> None:
+        """Run the teacher over every window not cached yet. ``teacher``: a model in memory,
+        or a streamed :class:`~compactor.models.load.LoadedModel` — then each shard's windows
+        go through the teacher one layer at a time, and its logits are reduced to the top k
+        a chunk of positions at a time."""
+        from compactor.models.load import LoadedModel
+
         self.dir.mkdir(parents=True, exist_ok=True)
         (self.dir / "meta.json").write_text(json.dumps(self.meta, indent=1))
-        live = LiveTeacher(teacher_model, autocast)
+        streamed = isinstance(teacher, LoadedModel)
         n_shards = -(-self.ids.shape[0] // self.SHARD)
         todo = [s for s in range(n_shards) if not self._shard_path(s).exists()]
-        vocab = teacher_model.get_output_embeddings().weight.shape[0]
+        vocab = (teacher.model.config if streamed else teacher.config).vocab_size
         idx_dtype = np.uint16 if vocab <= 65536 else np.int32
         for s in tqdm(todo, desc="teacher top-k cache", unit="shard", disable=not progress):
             chunk = self.ids[s * self.SHARD:(s + 1) * self.SHARD]
             tops, logps = [], []
-            for i in range(0, len(chunk), micro_batch):
-                lp = torch.log_softmax(live.targets(chunk[i:i + micro_batch]).logits, -1)
-                v, j = lp.topk(self.k, dim=-1)
+            for v, j in (_streamed_topk(teacher, chunk, self.k) if streamed
+                         else _live_topk(LiveTeacher(teacher, autocast), chunk, micro_batch, self.k)):
                 tops.append(j.numpy().astype(idx_dtype))
                 logps.append(v.numpy().astype(np.float16))
             tmp = self._shard_path(s).with_suffix(".tmp.npz")
@@ -153,6 +157,34 @@ class TopKCache:
 
     def size_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.dir.glob("shard_*.npz"))
+
+
+def _live_topk(live: LiveTeacher, ids: torch.Tensor, micro_batch: int, k: int):
+    """Top-k (log-probs, token ids) ``[b, T, k]`` of ``ids [N, T]``, ``micro_batch`` windows
+    at a time."""
+    for i in range(0, len(ids), micro_batch):
+        yield torch.log_softmax(live.targets(ids[i:i + micro_batch]).logits, -1).topk(k, dim=-1)
+
+
+def _streamed_topk(loaded, ids: torch.Tensor, k: int):
+    """Top-k (log-probs, token ids) ``[1, T, k]`` of each window of ``ids [N, T]`` from a
+    streamed teacher: every layer once over all the windows, then the head a chunk of
+    positions at a time, so a window's full logits are never held (537 MB per 512-token
+    window at a 262k vocabulary)."""
+    from compactor.evaluate.backends import chunk_rows
+    from compactor.evaluate.streamed import StreamedBackend
+
+    be = StreamedBackend(loaded, "teacher")
+    window, vals, idx = 0, [], []
+    for w, _s, logits in be.iter_chunks(ids, chunk_rows(be.vocab_size)):
+        if w != window:
+            yield torch.cat(vals)[None], torch.cat(idx)[None]
+            window, vals, idx = w, [], []
+        v, j = torch.log_softmax(logits, -1).topk(k, dim=-1)
+        vals.append(v)
+        idx.append(j)
+    if vals:
+        yield torch.cat(vals)[None], torch.cat(idx)[None]
 
 
 @torch.no_grad()

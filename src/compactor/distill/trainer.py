@@ -82,18 +82,21 @@ class Distiller:
     """Train ``student`` against ``signal`` (a live teacher or a top-k cache) on ``train_ids``.
 
     ``workdir`` holds checkpoints and ``log.jsonl``; ``teacher_model`` (optional) is used for
-    evaluation and on-policy scoring. ``param_groups(model)`` (optional) chooses what trains:
+    evaluation and on-policy scoring; ``reference`` (optional) is the evaluation's teacher
+    backend instead (a streamed teacher's disk-cached logits). ``param_groups(model)`` (optional) chooses what trains:
     it sets ``requires_grad`` and returns the optimizer's parameter groups (QAT trains only the
     fake-quantized linears and their scales, at their own learning rates).
     """
 
     def __init__(self, student: Student, signal, cfg: DistillConfig, train_ids: torch.Tensor,
                  workdir: str | Path, teacher_model=None, eval_windows=None, progress: bool = True,
-                 identity: dict | None = None, param_groups=None):
+                 identity: dict | None = None, param_groups=None, reference=None):
         if train_ids.shape[0] < 1:
             raise CompactorError("distill: no training windows")
         self.cfg, self.signal, self.ids = cfg, signal, train_ids
         self.teacher_model = teacher_model or getattr(signal, "model", None)
+        #: evaluation backend of the teacher (default: the teacher model, its logits cached)
+        self._ref_backend = reference
         self.eval_windows, self.progress = eval_windows, progress
         self.workdir = Path(workdir)
         self.rank, self.world = dist_info()

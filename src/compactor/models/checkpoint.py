@@ -158,6 +158,28 @@ class CheckpointIndex:
         return out
 
 
+    def digest(self, sample: int = 4096) -> str:
+        """Fingerprint of the checkpoint without reading it whole: every tensor's name, dtype
+        and shape and the first ``sample`` bytes of its data (plain reads, not a mapping), so
+        a teacher bigger than memory gets a cache key in seconds."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for shard in sorted(self.headers):
+            path = self.directory / shard
+            with open(path, "rb") as f:
+                start = 8 + int.from_bytes(f.read(8), "little")
+                for name in sorted(self.headers[shard]):
+                    info = self.headers[shard][name]
+                    if name == "__metadata__":
+                        continue
+                    begin, end = info["data_offsets"]
+                    f.seek(start + begin)
+                    h.update(f"{name}|{info['dtype']}|{info['shape']}|".encode())
+                    h.update(f.read(min(sample, end - begin)))
+        return h.hexdigest()[:16]
+
+
 class ShardWriter:
     """Writes tensors into ``model-00001.safetensors``, ... of at most ``max_shard_bytes``,
     in the order added, and an index on :meth:`close`."""
