@@ -188,19 +188,45 @@ def part_synthetic(records, args) -> None:
 
 
 def part_torchrun(records, args) -> None:
+    """1 process x 2 threads, 2 processes x 1 thread, and 1 process x 1 thread: the last is
+    the like-for-like check (float32 products depend on the thread count, and GPTQ carries
+    the last bit forward), the first the wall-time baseline."""
     common = ["--method", "gptq", "--grid", "q4_0", "--samples", "128", "--no-eval", "--force"]
-    for n in (1, 2):
-        key = f"torchrun {n}"
+    for n, threads, tag in ((1, 2, "1"), (2, 1, "2"), (1, 1, "1t")):
+        key = f"torchrun {tag}"
         if args.resume and any(r["key"] == key for r in records):
             continue
-        out = WORK / f"torchrun-{n}"
+        out = WORK / f"torchrun-{tag}"
         cmd = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "-m",
                 "compactor.cli"] if n > 1 else compactor())
         r = timed([*cmd, "quantize", "smollm2-135m", *common, "--out", str(out)],
-                  env={"OMP_NUM_THREADS": str(max(1, 2 // n))})
-        record(records, key, part="torchrun", processes=n, **r)
-    record(records, "torchrun identity", part="torchrun", processes=0,
-           **same_outputs(WORK / "torchrun-1", WORK / "torchrun-2"), **codes_differing(WORK / "torchrun-1", WORK / "torchrun-2"))
+                  env={"OMP_NUM_THREADS": str(threads)})
+        record(records, key, part="torchrun", processes=n, threads=threads, **r)
+    for a, b, key in (("1", "2", "torchrun identity"), ("1t", "2", "torchrun identity 1t")):
+        if (WORK / f"torchrun-{a}").exists() and (WORK / f"torchrun-{b}").exists():
+            record(records, key, part="torchrun", processes=0, against=f"{a} vs {b}",
+                   **same_outputs(WORK / f"torchrun-{a}", WORK / f"torchrun-{b}"),
+                   **codes_differing(WORK / f"torchrun-{a}", WORK / f"torchrun-{b}"))
+
+
+def part_teacher(records, args) -> None:
+    """Distillation from a teacher bigger than memory: the synthetic 32-layer model (29.5 GB
+    in float32) streamed into SmolLM2's top-k cache, a few steps — peak RSS and time."""
+    src = WORK / "synthetic-llama-32l"
+    key = "teacher distill 32"
+    if args.resume and any(r["key"] == key for r in records):
+        return
+    out = WORK / "teacher-distill"
+    r = timed(compactor("distill", "--teacher", str(src), "--teacher-stream", "--student", "smollm2-135m",
+                        "--data", "calib:mix", "--tokens", str(args.teacher_tokens), "--window", "128",
+                        "--batch", "4", "--micro-batch", "2", "--top-k", "32", "--eval-data", "austen:eval",
+                        "--eval-tokens", "512", "--no-speed", "--force", "--out", str(out)))
+    rep = {}
+    if (out / "provenance.json").exists():
+        rep = next((x for x in json.loads((out / "provenance.json").read_text())["reports"]
+                    if x["step"] == "distill"), {})
+    record(records, key, part="teacher", layers=32, tokens=args.teacher_tokens, window=128,
+           train_seconds=rep.get("train_seconds"), **r)
 
 
 def part_vocab(records, args) -> None:
@@ -272,16 +298,36 @@ def _write(records: list[dict]) -> None:
                    "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
     tr = [r for r in records if r.get("part") == "torchrun" and r.get("processes")]
     if tr:
-        ident = by.get("torchrun identity", {})
+        idents = []
+        for key in ("torchrun identity", "torchrun identity 1t"):
+            ident = by.get(key)
+            if ident is None:
+                continue
+            pair = ident.get("against", "1 vs 2")
+            idents.append(f"- {pair} ({prov_ref(records, ident)}): {ident.get('files_compared', '?')} files compared, "
+                          f"differing: {ident.get('files_differing') or 'none'}"
+                          + (f"; {ident['codes_differing']:,} of {ident['codes']:,} codes differ "
+                             f"({ident['codes_differing'] / ident['codes']:.2%}) in {ident['modules_differing']} of "
+                             f"{ident['modules']} modules" if "codes" in ident else "") + ".")
         out.append("## torchrun, SmolLM2 GPTQ Q4_0 (128 x 512), gloo on this 2-core machine\n\n"
-                   "| processes | threads each | wall s | peak RSS GB (largest process of the tree) | run |\n|---|---|---|---|---|\n"
-                   + "\n".join(f"| {r['processes']} | {max(1, 2 // r['processes'])} | {r['seconds']:.0f} | "
-                               f"{_gb(r['peak_rss_bytes'])} | {prov_ref(records, r)} |" for r in tr)
-                   + f"\n\nOutputs: {ident.get('files_compared', '?')} files compared, differing: "
-                   f"{ident.get('files_differing', '?') or 'none'}"
-                   + (f"; {ident['codes_differing']:,} of {ident['codes']:,} codes differ "
-                      f"({ident['codes_differing'] / ident['codes']:.2%}) in {ident['modules_differing']} of "
-                      f"{ident['modules']} modules" if "codes" in ident else "") + ".\n")
+                   "| run | processes | threads each | wall s | peak RSS GB (largest process of the tree) | load before | run |\n"
+                   "|---|---|---|---|---|---|---|\n"
+                   + "\n".join(f"| {r['key'].split()[-1]} | {r['processes']} | {r.get('threads', max(1, 2 // r['processes']))} | "
+                               f"{r['seconds']:.0f} | {_gb(r['peak_rss_bytes'])} | {r.get('load_before', '')} | "
+                               f"{prov_ref(records, r)} |" for r in tr)
+                   + "\n\nOutputs compared (runs named as in the first column):\n" + "\n".join(idents) + "\n")
+    te = [r for r in records if r.get("part") == "teacher"]
+    if te:
+        out.append("## Distillation from a streamed teacher bigger than memory\n\n"
+                   "Teacher: the synthetic 32-layer Llama-3-8B-shaped checkpoint above (29.5 GB in float32), "
+                   "`--teacher-stream`: read layer by layer into the student's top-k cache and the evaluation's "
+                   "logit cache. Student: SmolLM2-135M, in memory.\n\n"
+                   "| teacher layers | training tokens | wall s | of which training s | peak RSS GB | load before | run |\n"
+                   "|---|---|---|---|---|---|---|\n"
+                   + "\n".join(f"| {r['layers']} | {r['tokens']} | {r['seconds']:.0f}"
+                               f"{'' if not r.get('exit_code') else ' FAILED: ' + str(r['error'])} | "
+                               f"{r.get('train_seconds') or ''} | {_gb(r.get('peak_rss_bytes'))} | "
+                               f"{r.get('load_before', '')} | {prov_ref(records, r)} |" for r in te) + "\n")
     voc = [r for r in records if r.get("part") == "vocab" and r.get("step") != "make"]
     if voc:
         v, n = GEMMA3_270M["vocab_size"], voc[0]["tokens"] // 512
@@ -312,6 +358,7 @@ def main() -> None:
     ap.add_argument("--gptq-depths", type=int, nargs="*", default=[8, 32])
     ap.add_argument("--steps", nargs="*", default=["rtn", "gguf", "gptq"], help="synthetic part: which steps")
     ap.add_argument("--vocab-tokens", type=int, default=8192)
+    ap.add_argument("--teacher-tokens", type=int, default=1024, help="teacher part: training tokens")
     ap.add_argument("--baseline-src", default=None, help="vocab part: also run another checkout's code")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--table-only", action="store_true")
@@ -323,7 +370,7 @@ def main() -> None:
     WORK.mkdir(parents=True, exist_ok=True)
     for part in args.parts:
         {"smol": part_smol, "synthetic": part_synthetic, "torchrun": part_torchrun,
-         "vocab": part_vocab}[part](records, args)
+         "vocab": part_vocab, "teacher": part_teacher}[part](records, args)
 
 
 if __name__ == "__main__":
