@@ -104,10 +104,9 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
         items.append(("loading: the mapped checkpoint beside the copies", total_params * 4))
         if reference:
             items.append(("reference model in memory (float32)", total_params * 4))
-    # Writing the output holds up to one shard of pending tensors (dequantized copies).
-    from compactor.models.checkpoint import SHARD_BYTES
-
-    items.append(("output writer: one pending shard", min(SHARD_BYTES, total_params * 4)))
+    # The output writer spools tensors to disk as they are added; assembling a shard copies
+    # through a 16 MiB buffer (models.checkpoint.ShardWriter).
+    items.append(("output writer: copy buffer", 16 << 20))
     if calib is not None and statistics:
         n, length = calib
         tokens = n * length

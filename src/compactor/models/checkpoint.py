@@ -25,6 +25,12 @@ SINGLE = "model.safetensors"
 #: Default shard size of written checkpoints (transformers' default is 5 GB): a writer holds
 #: up to one shard of pending tensors, so smaller shards keep its memory small.
 SHARD_BYTES = 512 * 1024**2
+#: safetensors' dtype names
+_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+             torch.int8: "I8", torch.uint8: "U8", torch.int16: "I16", torch.int32: "I32", torch.int64: "I64",
+             torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2"}
+#: an integer dtype of each element size, to reach any tensor's raw bytes through numpy
+_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 _ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
@@ -182,17 +188,30 @@ class CheckpointIndex:
 
 class ShardWriter:
     """Writes tensors into ``model-00001.safetensors``, ... of at most ``max_shard_bytes``,
-    in the order added, and an index on :meth:`close`."""
+    in the order added, and an index on :meth:`close`.
+
+    Why spools: a tensor's bytes go to disk when it is added (one spool file per element
+    size), and a shard is assembled from the spools when it fills — so memory never holds a
+    pending shard (up to 512 MiB, and twice that while ``safetensors.save_file`` serializes
+    it). The shard is a standard safetensors file: header, then the tensors by element size,
+    largest first (as ``save_file`` orders them, so every tensor stays aligned)."""
 
     def __init__(self, directory: str | Path, prefix: str = "model", max_shard_bytes: int = SHARD_BYTES):
         self.directory = Path(directory)
         self.prefix = prefix
         self.max_shard_bytes = max_shard_bytes
-        self.pending: dict[str, torch.Tensor] = {}
+        #: name -> (safetensors dtype, shape, element size, byte offset in its spool, nbytes)
+        self.pending: dict[str, tuple] = {}
         self.pending_bytes = 0
+        self._spools: dict[int, object] = {}
         self.weight_map: dict[str, str] = {}
         self.shards = 0
         self.total_bytes = 0
+
+    def _spool(self, item: int):
+        if item not in self._spools:
+            self._spools[item] = open(self.directory / f".{self.prefix}-spool-{item}.tmp", "w+b")
+        return self._spools[item]
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         if tensor.device.type == "meta":
@@ -203,25 +222,61 @@ class ShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self.pending and self.pending_bytes + nbytes > self.max_shard_bytes:
             self.flush()
-        self.pending[name] = tensor.detach().contiguous()
+        t = tensor.detach().contiguous()
+        item = t.element_size()
+        f = self._spool(item)
+        offset = f.tell()
+        # The raw bytes, through a same-size integer view (numpy has no bfloat16).
+        raw = t.reshape(-1).view(_INT_OF_SIZE[item]) if t.numel() else t.reshape(-1)
+        f.write(memoryview(raw.numpy()).cast("B") if t.numel() else b"")
+        self.pending[name] = (_ST_NAMES[t.dtype], list(t.shape), item, offset, nbytes)
         self.pending_bytes += nbytes
 
     def flush(self) -> None:
-        from safetensors.torch import save_file
+        import shutil
 
         if not self.pending:
             return
         self.shards += 1
         shard = f"{self.prefix}-{self.shards:05d}.safetensors"
-        save_file(self.pending, str(self.directory / shard), metadata={"format": "pt"})
+        header: dict = {"__metadata__": {"format": "pt"}}
+        base: dict[int, int] = {}
+        pos = 0
+        for item in sorted({e[2] for e in self.pending.values()}, reverse=True):
+            base[item] = pos
+            pos += self._spool(item).tell()
+        for name, (dtype, shape, item, offset, nbytes) in self.pending.items():
+            begin = base[item] + offset
+            header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [begin, begin + nbytes]}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as save_file pads it
+        path = self.directory / shard
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as out:
+            out.write(len(blob).to_bytes(8, "little"))
+            out.write(blob)
+            for item in sorted(base, reverse=True):
+                f = self._spools[item]
+                f.seek(0)
+                shutil.copyfileobj(f, out, 16 << 20)
+                f.seek(0)
+                f.truncate()
+        tmp.replace(path)
         for n in self.pending:
             self.weight_map[n] = shard
         self.total_bytes += self.pending_bytes
         self.pending, self.pending_bytes = {}, 0
 
+    def _drop_spools(self) -> None:
+        for item, f in self._spools.items():
+            f.close()
+            (self.directory / f".{self.prefix}-spool-{item}.tmp").unlink(missing_ok=True)
+        self._spools = {}
+
     def close(self) -> Path:
         """Flush and write ``<prefix>.safetensors.index.json`` (atomically); its path."""
         self.flush()
+        self._drop_spools()
         index = self.directory / f"{self.prefix}.safetensors.index.json"
         tmp = index.with_suffix(".tmp")
         tmp.write_text(json.dumps({"metadata": {"total_size": self.total_bytes},
