@@ -165,3 +165,12 @@ def test_spilled_bf16_round_trips(tmp_path):
     got, kw = acts[0]
     assert got.dtype == torch.bfloat16 and torch.equal(got, x * 2) and kw == {"k": 1}
     assert acts.nbytes_in_memory() == 0
+
+
+def test_phase_seconds_are_recorded_and_fit_in_the_wall_time(windows):
+    model = tiny_model(seed=0)
+    rep = run_sequential(model, windows, apply_gptq, GPTQConfig(grid="int", bits=4, group_size=32),
+                         progress=False)
+    assert {"read", "observe", "solve", "propagate"} <= set(rep.phase_seconds)
+    assert all(v >= 0 for v in rep.phase_seconds.values())
+    assert sum(rep.phase_seconds.values()) <= rep.seconds

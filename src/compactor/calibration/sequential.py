@@ -54,6 +54,18 @@ class CalibrationReport:
     peak_rss_bytes: int = 0
     tokens: int = 0
     pairs: list[dict] = field(default_factory=list)
+    #: wall seconds by phase, summed over layers: read (a layer from the weight store),
+    #: observe (forwards that collect statistics), reduce (across processes), solve (the
+    #: method's handler), propagate (forwards to the next layer's inputs), write (the sink)
+    phase_seconds: dict = field(default_factory=dict)
+
+    @contextlib.contextmanager
+    def timed(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
 def _capture_layer0(model, layers, windows: TokenWindows, batch: int):
@@ -153,7 +165,8 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     # Consumers whose block can be replayed: attention's o_proj and the MLP's down_proj.
     replayable = {adapter.attn[3]: True, adapter.mlp[2]: False}  # name -> block returns a tuple
     for li in tqdm(range(len(layers)), desc=f"calibrate {type(cfg).name}", disable=not progress, unit="layer"):
-        layer = store.layer(model, li, adapter)
+        with report.timed("read"):
+            layer = store.layer(model, li, adapter)
         if li < start_layer:
             runner = layer if dtype == torch.float32 else copy.deepcopy(layer).to(dtype)
             _propagate(runner, inputs, {}, replayable, on_layer, li)
@@ -193,28 +206,32 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                 if n in capture:
                     capture[n].append(x)
 
-            with torch.no_grad(), input_hooks({f: runner.get_submodule(f) for f, _ in todo}, observe,
-                                              stop_after=last), _replayed(runner, cache, replayable):
+            with report.timed("observe"), torch.no_grad(), input_hooks(
+                    {f: runner.get_submodule(f) for f, _ in todo}, observe, stop_after=last), \
+                    _replayed(runner, cache, replayable):
                 for hidden, kwargs in inputs:
                     try:
                         runner(hidden, **kwargs)
                     except StopForward:
                         pass
             if world > 1:
-                for st in stats.values():
-                    all_reduce_stats(st)
+                with report.timed("reduce"):
+                    for st in stats.values():
+                        all_reduce_stats(st)
             cache.update(capture)
             if producer is not None:
                 # Scales fold into the producer and all consumers of this input.
-                report.pairs.append(handler(layer, cfg, name=prefix, producer=producer,
-                                            consumers=list(unit), stats=stats[todo[0][0]],
-                                            norm_offset=adapter.norm_offset))
+                with report.timed("solve"):
+                    report.pairs.append(handler(layer, cfg, name=prefix, producer=producer,
+                                                consumers=list(unit), stats=stats[todo[0][0]],
+                                                norm_offset=adapter.norm_offset))
                 if runner is not layer:
                     runner = copy.deepcopy(layer).to(dtype)
                 continue
             for first, names in todo:
                 for n in names:
-                    new = handler(layer.get_submodule(n), cfg, name=f"{prefix}.{n}", stats=stats[first])
+                    with report.timed("solve"):
+                        new = handler(layer.get_submodule(n), cfg, name=f"{prefix}.{n}", stats=stats[first])
                     layer.set_submodule(n, new)
                     if runner is not layer:
                         runner.set_submodule(n, copy.deepcopy(new).to(dtype))
@@ -238,10 +255,12 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
             if runner is not layer:
                 runner = copy.deepcopy(layer).to(dtype)
         # Propagate the compressed layer's outputs to the next layer.
-        _propagate(runner, inputs, cache if follow is None else {}, replayable, on_layer, li)
+        with report.timed("propagate"):
+            _propagate(runner, inputs, cache if follow is None else {}, replayable, on_layer, li)
         del runner, cache
         if sink is not None:
-            sink(li, layer)
+            with report.timed("write"):
+                sink(li, layer)
         del layer
         store.done(model, li, adapter, changed=True)
         release_freed_memory()

@@ -378,6 +378,7 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
         out.commit()
         ctx.reports.append({"step": type(cfg).name, "modules": len(rep.modules),
                             "seconds": round(rep.seconds, 1), "peak_rss_bytes": rep.peak_rss_bytes,
+                            "phase_seconds": {k: round(v, 1) for k, v in rep.phase_seconds.items()},
                             "calibration_tokens": rep.tokens, "streamed": ctx.loaded.streamed,
                             "calibration_domains": calibration_domains(ctx.calib_windows().provenance),
                             "notes": _count(rep.notes),
