@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 LOCK   := requirements.lock
 EXTRAS := dev,llamacpp,ct,onnx,bench,lora
 
-.PHONY: setup demo test test-fast bench clean lock
+.PHONY: setup demo test test-fast bench clean lock browser
 
 $(STAMP): pyproject.toml $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,16 @@ demo: setup
 	$(VENV)/bin/compactor run recipes/demo.yaml --out runs/demo --force
 	cp runs/demo/results.md bench/results/demo.md
 
+# The report test renders report.html in headless chromium: installed here where apt-get is
+# available (root, Debian), else that one test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || ! command -v apt-get >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || \
+		apt-get install -y -q chromium >/dev/null 2>&1 || \
+		(apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1) || \
+		echo "chromium could not be installed: the report's browser test will skip"
+
 # A missing extra fails the run (COMPACTOR_REQUIRE_EXTRAS); the header lists the versions.
-test: setup
+test: setup browser
 	HF_HUB_OFFLINE=1 COMPACTOR_REQUIRE_EXTRAS=1 $(PY) -m pytest -q
 
 test-fast: setup

@@ -240,6 +240,13 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    from compactor.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="compactor", description=__doc__.splitlines()[0])
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
@@ -351,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_stats)
 
     add_training_parsers(sub)
+
+    rp = sub.add_parser("report", help="write report.html (tables, plots, provenance) for a run's output directory")
+    rp.add_argument("run_dir", help="the output directory of a run (holds metrics.json and provenance.json)")
+    rp.add_argument("--out", default=None, help="where to write the page (default RUN_DIR/report.html)")
+    rp.set_defaults(fn=cmd_report)
 
     r = sub.add_parser("run", help="run a recipe (YAML) and write its output directory")
     r.add_argument("recipe")

@@ -8,7 +8,7 @@ from typing import Literal
 
 import torch
 
-from compactor.primitives.masks import global_threshold, keep_mask
+from compactor.primitives.masks import global_threshold, keep_mask, n_pruned
 from compactor.prune.spec import PruneConfig, apply_mask
 from compactor.registry import register
 
@@ -21,6 +21,9 @@ class MagnitudeConfig(PruneConfig):
     name = "magnitude"
     needs_calibration = False
     scope: Literal["layer", "row", "global"] = "layer"
+
+    def min_zeros(self, shape: tuple[int, int]) -> int:
+        return shape[0] * n_pruned(shape[1], self.sparsity) if self.scope == "row" else super().min_zeros(shape)
 
     def prepare(self, model, names: list[str]):
         """Global scope: the |W| threshold over every matched weight (others: nothing)."""

@@ -19,7 +19,7 @@ from compactor.config import check
 from compactor.errors import CompactorError
 from compactor.primitives.hessian import inverse_cholesky_upper, prepare_hessian
 from compactor.primitives.threads import one_thread
-from compactor.primitives.masks import nm_keep_mask, parse_pattern, topk_keep_mask
+from compactor.primitives.masks import n_pruned, nm_keep_mask, parse_pattern, topk_keep_mask
 from compactor.prune.spec import PruneConfig
 from compactor.quant.qlinear import QuantizedLinear
 from compactor.registry import register
@@ -38,6 +38,11 @@ class SparseGPTConfig(PruneConfig):
     group_size: int = 128
     true_sequential: bool = True
     calibration_dtype: str = "auto"
+
+    def min_zeros(self, shape: tuple[int, int]) -> int:
+        # Ranked within each block of block_size columns (the lazy-update block).
+        out, n = shape
+        return sum(n_pruned(out * min(self.block_size, n - i), self.sparsity) for i in range(0, n, self.block_size))
 
     def validate(self) -> None:
         super().validate()

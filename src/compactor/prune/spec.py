@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from compactor.config import StepConfig, check
-from compactor.primitives.masks import parse_pattern
+from compactor.primitives.masks import n_pruned, parse_pattern
 
 
 @dataclass(frozen=True)
@@ -24,6 +24,13 @@ class PruneConfig(StepConfig):
     def validate(self) -> None:
         check(0 <= self.sparsity < 1, f"{self.name}.sparsity: must be in [0, 1), got {self.sparsity}")
         parse_pattern(self.pattern)  # raises a specific error for a bad N:M
+
+    def min_zeros(self, shape: tuple[int, int]) -> int:
+        """Zeros an unstructured mask of a ``shape`` matrix holds at least: the sparsity's
+        count rounded where the method rounds it (here per matrix; per row for methods that
+        rank within rows, per block of columns for SparseGPT) — so 0.3 of a 64-wide row is 19
+        zeros per row, not 0.3 of the matrix rounded once."""
+        return n_pruned(shape[0] * shape[1], self.sparsity)
 
     @property
     def target_sparsity(self) -> float:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from compactor.errors import CompactorError
-from compactor.primitives.masks import n_pruned, parse_pattern
+from compactor.primitives.masks import parse_pattern
 
 
 @dataclass
@@ -57,7 +57,7 @@ def check_pruned(model, names: list[str], cfg) -> dict:
             per_group = (w.detach().reshape(w.shape[0], -1, m) == 0).sum(-1)
             if bool((per_group < n).any()):
                 raise CompactorError(f"{r.name}: {int((per_group < n).sum())} groups of {m} have fewer than {n} zeros")
-        elif getattr(cfg, "scope", "layer") != "global" and r.zeros < n_pruned(r.numel, cfg.sparsity):
+        elif getattr(cfg, "scope", "layer") != "global" and r.zeros < cfg.min_zeros(tuple(w.shape)):
             raise CompactorError(f"{r.name}: sparsity {r.sparsity:.4f} is below the target {cfg.sparsity}")
     return summarize_pruned(rows, cfg)
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from compactor.primitives.masks import keep_mask
+from compactor.primitives.masks import keep_mask, n_pruned
 from compactor.prune.spec import PruneConfig, apply_mask
 from compactor.registry import register
 
@@ -21,6 +21,9 @@ class WandaConfig(PruneConfig):
     needs_calibration = True
     statistic = "inputs"  # the sequential runner keeps per-column moments, no Hessian
     sample_tokens = 0
+
+    def min_zeros(self, shape: tuple[int, int]) -> int:
+        return shape[0] * n_pruned(shape[1], self.sparsity)  # ranked within each output row
 
 
 def wanda_scores(W: torch.Tensor, mean_sq: torch.Tensor) -> torch.Tensor:

@@ -302,6 +302,10 @@ def _write_outputs(ctx: RunContext, tmp: Path, started: float, failed: str | Non
         "seconds": round(time.time() - started, 1),
     }
     (tmp / "provenance.json").write_text(json.dumps(prov, indent=2, default=str))
+    if ctx.results:
+        from compactor.report import write_report
+
+        write_report(tmp)  # report.html beside the files it is drawn from
 
 
 
