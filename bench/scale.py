@@ -218,7 +218,8 @@ def part_teacher(records, args) -> None:
         return
     out = WORK / "teacher-distill"
     r = timed(compactor("distill", "--teacher", str(src), "--teacher-stream", "--student", "smollm2-135m",
-                        "--data", "calib:mix", "--tokens", str(args.teacher_tokens), "--window", "128",
+                        "--train-data", "calib:mix", "--train-tokens", str(args.teacher_tokens),
+                        "--train-window", "128", "--eval-window", "128", "--calib-window", "128",
                         "--batch", "4", "--micro-batch", "2", "--top-k", "32", "--eval-data", "austen:eval",
                         "--eval-tokens", "512", "--no-speed", "--force", "--out", str(out)))
     rep = {}
@@ -248,8 +249,8 @@ def part_vocab(records, args) -> None:
             env = {"PYTHONPATH": str(path / "src")} if path else None
             commit = (subprocess.run(["git", "-C", str(path), "rev-parse", "--short", "HEAD"], capture_output=True,
                                      text=True).stdout.strip() if path else None)
-            r = timed(compactor("quantize", str(src), "--method", "rtn", "--grid", "q4_0", "--data", "austen:eval",
-                                "--tokens", str(args.vocab_tokens), "--no-speed", "--force", "--out", str(out),
+            r = timed(compactor("quantize", str(src), "--method", "rtn", "--grid", "q4_0", "--eval-data",
+                                "austen:eval", "--eval-tokens", str(args.vocab_tokens), "--no-speed", "--force", "--out", str(out),
                                 *(["--stream"] if mode == "streamed" else [])), env=env)
             res = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else []
             ev = next((e for e in reversed(res) if e.get("kld_mean") is not None), {})

@@ -9,8 +9,8 @@ from compactor.cli import main
 
 def test_eval_json(tmp_path, tiny_dir, text_file, capsys):
     out = tmp_path / "m.json"
-    rc = main(["eval", str(tiny_dir), "--reference", str(tiny_dir), "--data", str(text_file),
-               "--tokens", "128", "--window", "64", "--no-speed", "--json", str(out)])
+    rc = main(["eval", str(tiny_dir), "--reference", str(tiny_dir), "--eval-data", str(text_file),
+               "--eval-tokens", "128", "--eval-window", "64", "--no-speed", "--json", str(out)])
     assert rc == 0
     res = json.loads(out.read_text())[0]
     assert res["kld_mean"] == 0.0 and res["top1"] == 1.0
@@ -30,7 +30,7 @@ def test_bad_input_one_line_exit_2(args, match, capsys):
 def test_empty_text_and_dir_without_model(tmp_path, tiny_dir, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    assert main(["eval", str(tiny_dir), "--data", str(empty), "--no-speed"]) == 2
+    assert main(["eval", str(tiny_dir), "--eval-data", str(empty), "--no-speed"]) == 2
     assert "contains no text" in capsys.readouterr().err
     assert main(["eval", str(tmp_path)]) == 2
     assert "no config.json" in capsys.readouterr().err
@@ -47,8 +47,8 @@ def test_recipe_unknown_key_writes_nothing(tmp_path, capsys):
 
 def test_quantize_defaults_to_a_grid_that_fits_and_says_so(tmp_path, tiny_dir, text_file, capsys):
     out = tmp_path / "q"
-    assert main(["quantize", str(tiny_dir), "--method", "rtn", "--data", str(text_file), "--tokens", "128",
-                 "--window", "64", "--no-speed", "--out", str(out)]) == 0
+    assert main(["quantize", str(tiny_dir), "--method", "rtn", "--eval-data", str(text_file), "--eval-tokens", "128",
+                 "--eval-window", "64", "--no-speed", "--out", str(out)]) == 0
     assert "grid: q4_0 (the default" in capsys.readouterr().out
     import yaml
 
@@ -69,7 +69,7 @@ def test_quantize_cli_writes_codes_and_reports_fallbacks(tmp_path, tiny_dir, tex
     out = tmp_path / "q"
     rc = main(["quantize", str(tiny_dir), "--method", "gptq", "--grid", "q4_k",
                "--calib-data", str(text_file), "--samples", "4", "--calib-window", "64",
-               "--data", str(text_file), "--tokens", "128", "--window", "64", "--no-speed",
+               "--eval-data", str(text_file), "--eval-tokens", "128", "--eval-window", "64", "--no-speed",
                "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
@@ -91,7 +91,7 @@ def test_quantize_cli_other_methods(tmp_path, tiny_dir, text_file, method, extra
     out = tmp_path / "q"
     rc = main(["quantize", str(tiny_dir), "--method", method, *extra,
                "--calib-data", str(text_file), "--samples", "4", "--calib-window", "64",
-               "--data", str(text_file), "--tokens", "128", "--window", "64", "--no-speed",
+               "--eval-data", str(text_file), "--eval-tokens", "128", "--eval-window", "64", "--no-speed",
                "--out", str(out)])
     assert rc == 0
     prov = json.loads((out / "provenance.json").read_text())
@@ -106,7 +106,7 @@ def test_quantize_cli_other_methods(tmp_path, tiny_dir, text_file, method, extra
 def test_quantize_bad_group_size_writes_nothing(tmp_path, tiny_dir, text_file, capsys):
     out = tmp_path / "q"
     rc = main(["quantize", str(tiny_dir), "--method", "rtn", "--grid", "int", "--group-size", "48",
-               "--data", str(text_file), "--tokens", "128", "--window", "64", "--no-speed", "--out", str(out)])
+               "--eval-data", str(text_file), "--eval-tokens", "128", "--eval-window", "64", "--no-speed", "--out", str(out)])
     assert rc == 2 and "group size 48 does not divide the input width 64" in capsys.readouterr().err
     assert not out.exists()
 
@@ -146,8 +146,8 @@ def test_export_cli_gguf_verified(tmp_path, tiny_dir, text_file, capsys):
 def test_prune_cli_and_stats(tmp_path, tiny_dir, text_file, capsys, method, extra):
     out = tmp_path / "p"
     rc = main(["prune", str(tiny_dir), "--method", method, *extra, "--calib-data", str(text_file),
-               "--samples", "2", "--calib-window", "64", "--data", str(text_file), "--tokens", "128",
-               "--window", "64", "--no-speed", "--out", str(out)])
+               "--samples", "2", "--calib-window", "64", "--eval-data", str(text_file), "--eval-tokens", "128",
+               "--eval-window", "64", "--no-speed", "--out", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
     if method == "wanda":
@@ -167,7 +167,7 @@ def test_prune_cli_and_stats(tmp_path, tiny_dir, text_file, capsys, method, extr
 def test_prune_bad_input_writes_nothing(tmp_path, tiny_dir, text_file, capsys, args, match):
     out = tmp_path / "p"
     rc = main(["prune", str(tiny_dir), *args, "--calib-data", str(text_file), "--samples", "2",
-               "--calib-window", "64", "--data", str(text_file), "--tokens", "128", "--window", "64",
+               "--calib-window", "64", "--eval-data", str(text_file), "--eval-tokens", "128", "--eval-window", "64",
                "--no-speed", "--out", str(out)])
     assert rc == 2 and match in capsys.readouterr().err and not out.exists()
 
@@ -181,8 +181,8 @@ def test_export_every_format_through_the_cli(tmp_path, tiny_dir, text_file, caps
     pytest.importorskip({"gguf": "llama_cpp", "compressed-tensors": "compressed_tensors",
                          "onnx": "onnxruntime"}[fmt])
     q = tmp_path / "q"
-    assert main(["quantize", str(tiny_dir), "--method", "rtn", *grid, "--data", str(text_file),
-                 "--tokens", "128", "--window", "64", "--no-speed", "--out", str(q)]) == 0
+    assert main(["quantize", str(tiny_dir), "--method", "rtn", *grid, "--eval-data", str(text_file),
+                 "--eval-tokens", "128", "--eval-window", "64", "--no-speed", "--out", str(q)]) == 0
     out = tmp_path / ("m.gguf" if fmt == "gguf" else "m")
     capsys.readouterr()
     assert main(["export", str(q), "--format", fmt, "--out", str(out)]) == 0
@@ -195,3 +195,24 @@ def test_export_every_format_through_the_cli(tmp_path, tiny_dir, text_file, caps
         with safe_open(str(next(out.glob("*.safetensors"))), "pt") as f:
             assert f.get_tensor("model.embed_tokens.weight").dtype.is_floating_point
             assert str(f.get_tensor("model.embed_tokens.weight").dtype) == "torch.bfloat16"
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["eval", "m", "--data", "x"], "--data is now --eval-data"),
+    (["quantize", "m", "--tokens=5", "--out", "o"], "--tokens is now --eval-tokens"),
+    (["prune", "m", "--window", "64", "--out", "o"], "--window is now --eval-window"),
+    (["distill", "--teacher", "t", "--data", "x", "--out", "o"], "--data is now --train-data"),
+    (["qat", "m", "--tokens", "5", "--out", "o"], "--tokens is now --train-tokens"),
+])
+def test_renamed_flags_get_a_one_line_error(argv, msg, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert msg in err and err.count("\n") == 1
+
+
+def test_help_lists_every_subcommand_with_one_line(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for sub in ("fetch", "eval", "quantize", "export", "prune", "stats", "distill", "qat", "report", "run"):
+        assert sub in out, sub

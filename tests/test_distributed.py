@@ -29,7 +29,7 @@ def test_two_processes_equal_one(tmp_path, method, stream):
                               f"men want {i % 5} wives." for i in range(300)))
     cmd = "quantize" if method == "gptq" else "prune"
     args = [cmd, str(src), "--method", method, "--calib-data", str(text), "--samples", "32",
-            "--calib-window", "64", "--data", str(text), "--tokens", "128", "--window", "64",
+            "--calib-window", "64", "--eval-data", str(text), "--eval-tokens", "128", "--eval-window", "64",
             "--no-speed"] + (["--grid", "q4_0"] if method == "gptq" else []) + (["--stream"] if stream else [])
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     one = subprocess.run([sys.executable, "-m", "compactor.cli", *args, "--out", str(tmp_path / "one")],

@@ -52,8 +52,8 @@ def test_run_over_the_cap_writes_nothing_and_exits_2(tiny_dir, text_file, tmp_pa
     with pytest.raises(CompactorError, match=r"estimated .* over the cap of 1 MB"):
         run_recipe(Recipe.from_dict(data), out=out, progress=False)
     assert not out.exists() and not list(tmp_path.glob(".out*")) and not list(tmp_path.glob("out.work"))
-    rc = main(["quantize", str(tiny_dir), "--method", "rtn", "--grid", "q4_0", "--data", str(text_file),
-               "--tokens", "128", "--window", "64", "--max-memory", "1MB", "--out", str(out)])
+    rc = main(["quantize", str(tiny_dir), "--method", "rtn", "--grid", "q4_0", "--eval-data", str(text_file),
+               "--eval-tokens", "128", "--eval-window", "64", "--max-memory", "1MB", "--out", str(out)])
     err = capsys.readouterr().err
     assert rc == 2 and "memory plan:" in err and "error: the memory plan needs an estimated" in err
     assert not out.exists()

@@ -14,18 +14,46 @@ from compactor.cli_train import add_training_parsers
 
 
 def _add_data_args(p: argparse.ArgumentParser, default: str = "domains") -> None:
-    p.add_argument("--data", "--text", dest="data", default=default,
+    """The evaluation text and windows: ``--eval-*`` in every subcommand (training text is
+    ``--train-*``, calibration text ``--calib-data``/``--samples``/``--calib-window``)."""
+    p.add_argument("--eval-data", default=default,
                    help="evaluation text: 'domains' (Austen prose, Python code, technical prose, C "
                         "headers), a split (austen:eval, code:eval, tech:eval, c:eval, chat:eval, "
                         "austen:<novel>), a .txt/.jsonl/.parquet file or directory, or a "
                         f"comma-separated list of these, each scored on its own (default {default})")
-    p.add_argument("--tokens", type=int, default=8192,
+    p.add_argument("--eval-tokens", type=int, default=8192,
                    help="tokens to evaluate per domain (default 8192)")
-    p.add_argument("--window", type=int, default=512, help="window length in tokens (default 512)")
-    p.add_argument("--stride", type=int, default=None, help="window stride (default: window, no overlap)")
+    p.add_argument("--eval-window", type=int, default=512, help="evaluation window length in tokens (default 512)")
+    p.add_argument("--eval-stride", type=int, default=None,
+                   help="evaluation window stride (default: the window, no overlap)")
     p.add_argument("--bos", choices=["auto", "none", "prepend"], default="auto",
-                   help="BOS policy: auto = as the model's tokenizer does (default; Gemma prepends, "
-                        "SmolLM2 does not); none = plain slices; prepend = BOS + window-1 tokens")
+                   help="BOS policy of the evaluation windows: auto = as the model's tokenizer does "
+                        "(default; Gemma prepends, SmolLM2 does not); none = plain slices; prepend = "
+                        "BOS + window-1 tokens")
+
+
+#: flags of earlier versions -> (subcommands, their name now): one meaning per flag everywhere
+_RENAMED = {
+    "--data": ({"eval", "quantize", "prune"}, "--eval-data", {"distill", "qat"}, "--train-data"),
+    "--text": ({"eval", "quantize", "prune"}, "--eval-data", set(), ""),
+    "--tokens": ({"eval", "quantize", "prune"}, "--eval-tokens", {"distill", "qat"}, "--train-tokens"),
+    "--window": ({"eval", "quantize", "prune"}, "--eval-window", {"distill", "qat"}, "--train-window"),
+    "--stride": ({"eval", "quantize", "prune"}, "--eval-stride", set(), ""),
+}
+
+
+def _renamed_flag(argv: list[str]) -> str | None:
+    """The one-line error for a flag that was renamed, or None."""
+    sub = next((a for a in argv if not a.startswith("-")), None)
+    for a in argv:
+        flag = a.split("=", 1)[0]
+        if flag in _RENAMED:
+            eval_subs, eval_new, train_subs, train_new = _RENAMED[flag]
+            if sub in eval_subs:
+                return f"{flag} is now {eval_new} (the evaluation text; training text is --train-*, calibration --calib-*)"
+            if sub in train_subs:
+                return f"{flag} is now {train_new} (the training text; evaluation text is --eval-*)"
+    return None
 
 
 def _add_memory_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +95,8 @@ def cmd_eval(args) -> int:
     loaded = load_model(args.model) if not is_gguf or args.reference is None else None
     ref = load_model(args.reference) if args.reference else None
     tokenizer = (loaded or ref).tokenizer
-    by_domain = domain_windows(tokenizer, args.data, args.window, args.stride, args.bos, args.tokens)
+    by_domain = domain_windows(tokenizer, args.eval_data, args.eval_window, args.eval_stride, args.bos,
+                               args.eval_tokens)
     win = next(iter(by_domain.values())) if len(by_domain) == 1 else by_domain
     target = args.model if is_gguf else loaded
     result = evaluate(target, win, reference=ref, speed=not args.no_speed,
@@ -118,7 +147,7 @@ def _run_one_stage(args, steps: list[dict], where: str):
 
     data = {
         "model": args.model,
-        "eval": {"data": args.data, "tokens": args.tokens, "window": args.window,
+        "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.eval_window,
                  "after_each_stage": not args.no_eval, "speed": not args.no_speed},
         "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
         **_memory_keys(args),
@@ -375,6 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    renamed = _renamed_flag(sys.argv[1:] if argv is None else list(argv))
+    if renamed:
+        print(f"error: {renamed}", file=sys.stderr)
+        return 2
     args = build_parser().parse_args(argv)
     from compactor.errors import CompactorError
 

@@ -22,9 +22,9 @@ def cmd_distill(args) -> int:
         model = args.student
         step.update(teacher=args.teacher, student="current", teacher_stream=True, signal="cache")
     data = {"model": model,
-            "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.window or 256,
+            "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.eval_window,
                      "speed": not args.no_speed},
-            "calibration": {"data": args.calib_data, "samples": 32, "window": args.window or 256},
+            "calibration": {"data": args.calib_data, "samples": 32, "window": args.calib_window},
             "stages": [{"name": "distill", "steps": [{"distill": step}]}]}
     ctx = run_recipe(Recipe.from_dict(data, where="compactor distill"), out=args.out,
                      overwrite=args.force, resume=args.resume)
@@ -71,9 +71,9 @@ def cmd_qat(args) -> int:
         steps.append({"export": {"format": args.export,
                                  "file": "model.gguf" if args.export == "gguf" else "compressed-tensors"}})
     data = {"model": args.model,
-            "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.window or 512,
+            "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.eval_window,
                      "speed": not args.no_speed},
-            "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.window or 512},
+            "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
             "stages": [{"name": "qat", "steps": steps}]}
     ctx = run_recipe(Recipe.from_dict(data, where="compactor qat"), out=args.out, overwrite=args.force,
                      resume=args.resume)
@@ -101,9 +101,9 @@ def add_training_parsers(sub) -> None:
                    help="a teacher bigger than memory: read it layer by layer from its safetensors shards "
                         "into the top-k cache; --student is then the student model (alias or directory)")
     d.add_argument("--calib-data", default="calib:mix", help="text for importance-based student cuts")
-    d.add_argument("--data", help="training text (default austen:train)")
-    d.add_argument("--tokens", type=int, help="training token budget")
-    d.add_argument("--window", type=int, help="training window length (default 256)")
+    d.add_argument("--train-data", dest="data", help="training text (default austen:train)")
+    d.add_argument("--train-tokens", dest="tokens", type=int, help="training token budget")
+    d.add_argument("--train-window", dest="window", type=int, help="training window length (default 256)")
     d.add_argument("--batch", type=int, help="windows per optimizer step, across processes (default 16)")
     d.add_argument("--micro-batch", type=int, help="windows per forward/backward (default 4)")
     d.add_argument("--lr", type=float)
@@ -124,6 +124,9 @@ def add_training_parsers(sub) -> None:
     d.add_argument("--checkpoint-every", type=int)
     d.add_argument("--eval-data", default="domains", help="evaluation text, as eval --data (default domains)")
     d.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens per domain (default 4096)")
+    d.add_argument("--eval-window", type=int, default=256, help="evaluation window length (default 256)")
+    d.add_argument("--calib-window", type=int, default=256,
+                   help="window of the calibration text for importance-based cuts (default 256)")
     d.add_argument("--no-speed", action="store_true")
     d.add_argument("--out", required=True)
     d.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
@@ -145,10 +148,11 @@ def add_training_parsers(sub) -> None:
     t.add_argument("--freeze-codes", type=float, help="fraction of steps after which codes are fixed")
     t.add_argument("--ce", type=float, help="weight of the CE term (default 0)")
     t.add_argument("--kl", type=float, help="weight of the KL-to-teacher term (default 1)")
-    t.add_argument("--data", help="training text (default calib:mix)")
-    t.add_argument("--tokens", type=int, help="training token budget (default 65536)")
-    t.add_argument("--window", type=int, help="training window (default 256); also the calibration "
-                   "and evaluation window when given (default 512)")
+    t.add_argument("--train-data", dest="data", help="training text (default calib:mix)")
+    t.add_argument("--train-tokens", dest="tokens", type=int, help="training token budget (default 65536)")
+    t.add_argument("--train-window", dest="window", type=int, help="training window length (default 256)")
+    t.add_argument("--eval-window", type=int, default=512, help="evaluation window length (default 512)")
+    t.add_argument("--calib-window", type=int, default=512, help="calibration window of the PTQ init (default 512)")
     t.add_argument("--batch", type=int)
     t.add_argument("--micro-batch", type=int)
     t.add_argument("--lr", type=float, help="learning rate of the latent weights (default 1e-5)")

@@ -137,8 +137,8 @@ def test_cli_qat_exports_exactly_the_trained_codes_to_gguf(tiny_dir, tmp_path, c
 
     train = _text(tmp_path / "t.txt", 8)
     out = tmp_path / "qat"
-    args = ["qat", str(tiny_dir), "--grid", "q4_0", "--init", "rtn", "--data", str(train), "--tokens", "1536",
-            "--window", "64", "--batch", "8", "--micro-batch", "4", "--lr", "3e-3", "--precision", "fp32",
+    args = ["qat", str(tiny_dir), "--grid", "q4_0", "--init", "rtn", "--train-data", str(train), "--train-tokens", "1536",
+            "--train-window", "64", "--eval-window", "64", "--calib-window", "64", "--batch", "8", "--micro-batch", "4", "--lr", "3e-3", "--precision", "fp32",
             "--calib-data", str(train), "--samples", "4", "--eval-data", str(train), "--eval-tokens", "256",
             "--no-speed", "--export", "gguf", "--out", str(out)]
     assert main(args) == 0

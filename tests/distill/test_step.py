@@ -61,9 +61,9 @@ def test_progressive_and_self_distillation_are_recipes(tiny_dir, text_file):
 def test_cli_distill_writes_a_loadable_student(tiny_dir, text_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("COMPACTOR_HOME", str(tmp_path / "home"))  # the teacher cache goes there
     out = tmp_path / "student"
-    rc = main(["distill", "--teacher", str(tiny_dir), "--student", "layers:1", "--data", str(text_file),
+    rc = main(["distill", "--teacher", str(tiny_dir), "--student", "layers:1", "--train-data", str(text_file),
                "--calib-data", str(text_file), "--eval-data", str(text_file), "--eval-tokens", "256",
-               "--tokens", "768", "--window", "64", "--batch", "4", "--micro-batch", "2", "--kl", "1",
+               "--train-tokens", "768", "--train-window", "64", "--eval-window", "64", "--calib-window", "64", "--batch", "4", "--micro-batch", "2", "--kl", "1",
                "--ce", "0", "--signal", "cache", "--top-k", "8", "--no-speed", "--out", str(out)])
     assert rc == 0
     text = capsys.readouterr().out
@@ -76,16 +76,16 @@ def test_cli_distill_writes_a_loadable_student(tiny_dir, text_file, tmp_path, ca
 
 
 def test_cli_distill_bad_input(tiny_dir, text_file, tmp_path, capsys):
-    args = ["distill", "--teacher", str(tiny_dir), "--data", str(text_file), "--eval-data", str(text_file),
-            "--calib-data", str(text_file), "--window", "64", "--out", str(tmp_path / "o")]
-    assert main(args + ["--tokens", "0"]) == 2
+    args = ["distill", "--teacher", str(tiny_dir), "--train-data", str(text_file), "--eval-data", str(text_file),
+            "--calib-data", str(text_file), "--train-window", "64", "--eval-window", "64", "--calib-window", "64", "--out", str(tmp_path / "o")]
+    assert main(args + ["--train-tokens", "0"]) == 2
     assert "tokens must be > 0" in capsys.readouterr().err
     assert main(args + ["--student", "config:hidden_size=128,intermediate_size=512"]) == 2
     assert "should be smaller" in capsys.readouterr().err
     (tmp_path / "o.work" / "distill-distill-0" / "checkpoints" / "step_0000001").mkdir(parents=True)
     ((tmp_path / "o.work" / "distill-distill-0" / "checkpoints" / "step_0000001" / "state.json")
      .write_text('{"step": 1, "fingerprint": "elsewhere"}'))
-    assert main(args + ["--tokens", "256", "--batch", "4", "--micro-batch", "2", "--resume"]) == 2
+    assert main(args + ["--train-tokens", "256", "--batch", "4", "--micro-batch", "2", "--resume"]) == 2
     assert "another run" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -111,9 +111,9 @@ def test_cli_distill_under_torchrun_writes_once(tiny_dir, text_file, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                         "--master_port", "29519", "-m", "compactor.cli", "distill", "--teacher", str(tiny_dir),
-                        "--student", "layers:1", "--data", str(text_file), "--calib-data", str(text_file),
-                        "--eval-data", str(text_file), "--eval-tokens", "256", "--tokens", "1024",
-                        "--window", "64", "--batch", "4", "--micro-batch", "2", "--no-speed", "--out", str(out)],
+                        "--student", "layers:1", "--train-data", str(text_file), "--calib-data", str(text_file),
+                        "--eval-data", str(text_file), "--eval-tokens", "256", "--train-tokens", "1024",
+                        "--train-window", "64", "--eval-window", "64", "--calib-window", "64", "--batch", "4", "--micro-batch", "2", "--no-speed", "--out", str(out)],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.count("wrote ") == 1 and "2 process(es)" in r.stdout

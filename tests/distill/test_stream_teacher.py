@@ -94,7 +94,7 @@ def test_cli_distill_with_a_streamed_teacher(tiny_dir, teacher_dir, text_file, t
 
     out = tmp_path / "student-out"
     code = main(["distill", "--teacher", str(teacher_dir), "--teacher-stream", "--student", str(tiny_dir),
-                 "--data", str(text_file), "--tokens", str(64 * 4 * 2), "--window", "64", "--batch", "4",
+                 "--train-data", str(text_file), "--train-tokens", str(64 * 4 * 2), "--train-window", "64", "--eval-window", "64", "--calib-window", "64", "--batch", "4",
                  "--micro-batch", "2", "--top-k", "8", "--eval-data", str(text_file), "--eval-tokens", "256",
                  "--no-speed", "--out", str(out)])
     assert code == 0, capsys.readouterr().err

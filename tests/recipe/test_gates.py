@@ -77,12 +77,12 @@ def test_gate_checks_and_bad_limits():
 
 
 def test_eval_gate_flags(tiny_dir, text_file, capsys):
-    base = ["eval", str(tiny_dir), "--reference", str(tiny_dir), "--data", str(text_file),
-            "--tokens", "128", "--window", "64", "--no-speed"]
+    base = ["eval", str(tiny_dir), "--reference", str(tiny_dir), "--eval-data", str(text_file),
+            "--eval-tokens", "128", "--eval-window", "64", "--no-speed"]
     assert main(base + ["--max-kld", "0.01", "--min-top1", "0.99"]) == 0
     assert "gate passed: max_kld 0" in capsys.readouterr().out
     assert main(base + ["--max-bpw", "1"]) == 3
     assert "failed its gate (max_bpw: measured 32 vs limit 1)" in capsys.readouterr().err
-    assert main(["eval", str(tiny_dir), "--data", str(text_file), "--tokens", "128", "--window", "64",
+    assert main(["eval", str(tiny_dir), "--eval-data", str(text_file), "--eval-tokens", "128", "--eval-window", "64",
                  "--no-speed", "--max-kld", "1"]) == 2
     assert "need --reference" in capsys.readouterr().err

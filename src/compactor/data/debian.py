@@ -22,7 +22,7 @@ from compactor.io import atomic_dir, home, sha256_file
 RESERVED = ("python3.*-doc", "python3-doc", "r-cran-tokenizers")
 
 NO_SOURCE = (
-    "pass your own text instead with --data FILE (.txt, .jsonl with a 'text' field, "
+    "pass your own text instead with --eval-data / --calib-data / --train-data FILE (.txt, .jsonl with a 'text' field, "
     ".parquet, or a directory of them)"
 )
 

@@ -34,7 +34,7 @@ from compactor.errors import CompactorError
 
 #: The domains of ``calib:mix``, in the order their windows interleave.
 MIX = ("prose", "chat", "code", "tech")
-#: The evaluation domains scored by ``--data domains`` (``c`` is never calibrated on).
+#: The evaluation domains scored by ``--eval-data domains`` (``c`` is never calibrated on).
 EVAL_DOMAINS = ("austen:eval", "code:eval", "tech:eval", "c:eval")
 
 _SPLITS = {
