@@ -55,3 +55,14 @@ def test_awq_under_torchrun_is_refused_by_name(tmp_path, monkeypatch):
     win = make_windows(list(range(256)) * 2, length=64)
     with pytest.raises(CompactorError, match="awq searches scales on sampled input rows"):
         seq.run_sequential(tiny_model("llama"), win, apply_awq, AWQConfig(grid="q4_0"), progress=False)
+
+
+def test_owners_balance_by_size_and_are_deterministic():
+    from compactor.distributed import owners
+
+    sizes = {"q": 100, "k": 25, "v": 25, "gate": 300, "up": 300}
+    own = owners(sizes, 2)
+    assert own == owners(dict(reversed(list(sizes.items()))), 2)  # same on every process
+    load = [sum(s for n, s in sizes.items() if own[n] == r) for r in (0, 1)]
+    assert sorted(load) == [350, 400] and own["gate"] != own["up"]
+    assert set(owners({"a": 1}, 4).values()) == {0}

@@ -3,8 +3,10 @@
 
 Calibration is data-parallel: each process takes every ``world``-th batch of the
 calibration windows, observes its own share, and the per-module statistics are summed
-across processes (all-reduce) before every process solves the same problem and
-propagates its own windows. gloo on CPU; nothing here assumes CPU (nccl works the same).
+across processes (all-reduce). The modules of a group that share an input (q/k/v, gate/up)
+are then solved by owner processes chosen by size (:func:`owners`), each broadcasting its
+result (:func:`broadcast_module`), and every process propagates its own windows. gloo on
+CPU; nothing here assumes CPU (nccl works the same).
 """
 
 from __future__ import annotations
@@ -61,3 +63,25 @@ def all_reduce_stats(stat) -> None:
         stat.count = int(count)
     else:
         raise CompactorError(f"statistic {type(stat).__name__} cannot be reduced across processes")
+
+
+def owners(sizes: dict[str, int], world: int) -> dict[str, int]:
+    """Which process solves each module: largest first, each to the least-loaded process
+    (by parameter count), as llm-compressor assigns its GPTQ work. Deterministic, so every
+    process computes the same assignment without talking."""
+    load = [0] * world
+    out = {}
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        r = min(range(world), key=lambda i: (load[i], i))
+        out[name] = r
+        load[r] += sizes[name]
+    return out
+
+
+def broadcast_module(module, src: int):
+    """``module`` from process ``src`` to every process (the others pass None). Peers of one
+    torchrun job exchange the solved module over the process group (pickled by
+    ``broadcast_object_list``: trusted, in-job data, never a file)."""
+    box = [module]
+    torch.distributed.broadcast_object_list(box, src=src)
+    return box[0]

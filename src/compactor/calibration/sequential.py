@@ -33,7 +33,7 @@ import contextlib
 from compactor.calibration.activations import Activations
 from compactor.calibration.hooks import StopForward, input_hooks, replay_block
 from compactor.data.windows import TokenWindows
-from compactor.distributed import all_reduce_stats, dist_info, shard_batches
+from compactor.distributed import all_reduce_stats, broadcast_module, dist_info, owners, shard_batches
 from compactor.errors import CompactorError
 from compactor.evaluate.memory import peak_rss_bytes, reset_peak_rss
 from compactor.models.adapters import Adapter, adapter_for, decoder_layers
@@ -228,10 +228,25 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
                 if runner is not layer:
                     runner = copy.deepcopy(layer).to(dtype)
                 continue
+            # Under torchrun each module of the unit is solved by one owner process and sent
+            # to the others (the solves of a unit are independent: they share only inputs).
+            names_all = [n for _, names in todo for n in names]
+            own = (owners({n: layer.get_submodule(n).weight.numel() for n in names_all}, world)
+                   if world > 1 else {})
+            solved = {}
+            with report.timed("solve"):
+                for first, names in todo:
+                    for n in names:
+                        if own.get(n, rank) == rank:
+                            solved[n] = handler(layer.get_submodule(n), cfg, name=f"{prefix}.{n}",
+                                                stats=stats[first])
+            if world > 1:
+                with report.timed("reduce"):
+                    for n in names_all:
+                        solved[n] = broadcast_module(solved.get(n), own[n])
             for first, names in todo:
                 for n in names:
-                    with report.timed("solve"):
-                        new = handler(layer.get_submodule(n), cfg, name=f"{prefix}.{n}", stats=stats[first])
+                    new = solved[n]
                     layer.set_submodule(n, new)
                     if runner is not layer:
                         runner.set_submodule(n, copy.deepcopy(new).to(dtype))
