@@ -269,6 +269,45 @@ def cmd_stats(args) -> int:
     return 0
 
 
+def cmd_search(args) -> int:
+    import tempfile
+
+    from compactor.data.windows import domain_windows, windows_for
+    from compactor.evaluate.backends import CachedBackend, TorchBackend
+    from compactor.models.load import load_model
+    from compactor.recipe import Recipe, run_recipe
+    from compactor.search import GRIDS, Target, front_table, search, to_json
+
+    target = Target(args.max_size, args.max_bpw, args.max_kld, args.max_ppl_ratio)
+    loaded = load_model(args.model)
+    by_domain = domain_windows(loaded.tokenizer, args.eval_data, args.eval_window, args.eval_stride, args.bos,
+                               args.eval_tokens)
+    win = next(iter(by_domain.values())) if len(by_domain) == 1 else by_domain
+    calib = windows_for(loaded.tokenizer, args.calib_data, args.calib_window,
+                        max_tokens=args.samples * args.calib_window)
+    grids = tuple(args.grids.split(",")) if args.grids else GRIDS
+    with tempfile.TemporaryDirectory(prefix="compactor-search-") as cache:
+        # The reference's logits once, on disk; every candidate is scored against them.
+        ref = CachedBackend(TorchBackend(loaded.model, "reference"), half=True, directory=cache)
+        result = search(loaded, target, calib, win, ref, grids=grids, methods=tuple(args.methods.split(",")),
+                        mixed=not args.no_mixed, progress=not args.quiet)
+    table = front_table(result)
+    chosen = result["chosen"]
+    print(table)
+    print(f"\nchosen: {chosen.label} ({chosen.size_bytes / 1e6:.2f} MB predicted, KLD {chosen.kld:.4f}, "
+          f"PPL ratio {chosen.ppl_ratio:.3f}); writing it with its recipe")
+    data = {"model": args.model,
+            "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.eval_window, "speed": False},
+            "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
+            "stages": [{"name": chosen.label, "steps": [chosen.step]}]}
+    ctx = run_recipe(Recipe.from_dict(data, where="compactor search"), out=args.out, overwrite=args.force)
+    (Path(ctx.out_dir) / "search.json").write_text(to_json(result))
+    (Path(ctx.out_dir) / "search.md").write_text("# compactor search\n\n" + table + "\n")
+    print(f"wrote {ctx.out_dir} (the chosen model, recipe.yaml for `compactor run`, search.json, search.md, "
+          "report.html)")
+    return 0
+
+
 def cmd_report(args) -> int:
     from compactor.report import write_report
 
@@ -387,6 +426,24 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_stats)
 
     add_training_parsers(sub)
+
+    se = sub.add_parser("search", help="the best file under a size budget, or the smallest that meets a quality floor")
+    se.add_argument("model")
+    se.add_argument("--max-size", type=float, default=None, metavar="MB", help="size budget in MB (deployed GGUF size)")
+    se.add_argument("--max-bpw", type=float, default=None, help="size budget in bits per weight")
+    se.add_argument("--max-kld", type=float, default=None, help="quality floor: mean KLD against the original")
+    se.add_argument("--max-ppl-ratio", type=float, default=None, help="quality floor: PPL / the original's PPL")
+    se.add_argument("--grids", default=None, help="GGUF grids to try, comma-separated (default q2_k..q8_0)")
+    se.add_argument("--methods", default="rtn,gptq", help="methods per grid, cheapest first (default rtn,gptq)")
+    se.add_argument("--no-mixed", action="store_true", help="leave the mixed-precision planner out of a budget search")
+    se.add_argument("--calib-data", default="calib:mix", help="calibration text (default calib:mix)")
+    se.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
+    se.add_argument("--calib-window", type=int, default=512, help="calibration window length (default 512)")
+    _add_data_args(se)
+    se.add_argument("--quiet", action="store_true", help="no progress bars")
+    se.add_argument("--out", required=True, help="where the chosen model is written with its recipe")
+    se.add_argument("--force", action="store_true", help="replace an existing output directory")
+    se.set_defaults(fn=cmd_search)
 
     rp = sub.add_parser("report", help="write report.html (tables, plots, provenance) for a run's output directory")
     rp.add_argument("run_dir", help="the output directory of a run (holds metrics.json and provenance.json)")
