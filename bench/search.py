@@ -1,0 +1,133 @@
+"""compactor search on SmolLM2 against the best hand-made file and llama.cpp's best type.
+
+    python bench/search.py [--targets size:80 size:90 kld:0.05] [--resume]
+
+For each target a fresh ``compactor search`` process (timed, peak RSS by /usr/bin/time),
+then the chosen model exported to GGUF (embedding Q8_0, verified in llama.cpp) and scored in
+llama.cpp on the four evaluation domains against the float reference — the protocol of
+``vs_llamacpp.py``, whose rows (``vs_llamacpp.json``) give the best compactor file and the
+best llama.cpp (+ imatrix) file at the same budget. One GPTQ Q4_0 run is timed beside them
+(the goal: search within 3x of it, and within 5 % of the best known KLD at each budget).
+Records go to bench/results/search.json as they finish; search.md renders from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from _common import RESULTS, prov_ref, provenance, provenance_lines, write_result
+from scale import timed
+
+JSON = RESULTS / "search.json"
+WORK = Path(os.environ.get("COMPACTOR_HOME", Path.home() / ".cache" / "compactor")) / "bench" / "search"
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "compactor.cli", *args]
+
+
+def _score(gguf: Path) -> dict:
+    """KLD per domain in llama.cpp against the float reference (vs_llamacpp's windows)."""
+    from compactor.data.windows import domain_windows
+    from compactor.evaluate import evaluate
+    from compactor.evaluate.backends import CachedBackend, TorchBackend
+    from compactor.models.load import load_model
+
+    ref = load_model("smollm2-135m")
+    win = domain_windows(ref.tokenizer, "domains", 512, max_tokens=4096)
+    cached = CachedBackend(TorchBackend(ref.model, "reference"), half=True, directory=WORK / "reference-logits")
+    r = evaluate(str(gguf), win, reference=cached, speed=False, progress=False)
+    return {"size_bytes": gguf.stat().st_size, "kld_mean": r.kld_mean, "top1": r.top1,
+            "domains": {s: d["kld_mean"] for s, d in r.domains.items()}}
+
+
+def _known(budget_bytes: float | None, kld: float | None) -> dict:
+    """From vs_llamacpp.json: the best compactor and llama.cpp (+imatrix) files for the target."""
+    path = RESULTS / "vs_llamacpp.json"
+    rows = [r for r in json.loads(path.read_text()) if r.get("calibration") in ("calib:mix", None)] if path.exists() else []
+    out = {}
+    for tool in ("compactor", "llama.cpp"):
+        mine = [r for r in rows if r["tool"] == tool]
+        if budget_bytes is not None:
+            fit = [r for r in mine if r["size_bytes"] <= budget_bytes]
+            best = min(fit, key=lambda r: r["kld_mean"]) if fit else None
+        else:
+            ok = [r for r in mine if r["kld_mean"] <= kld]
+            best = min(ok, key=lambda r: r["size_bytes"]) if ok else None
+        out[tool] = None if best is None else {"name": best["name"], "size_bytes": best["size_bytes"],
+                                               "kld_mean": best["kld_mean"]}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--targets", nargs="*", default=["size:80", "size:90", "kld:0.05"])
+    ap.add_argument("--resume", action="store_true")
+    args = ap.parse_args()
+    records = json.loads(JSON.read_text()) if args.resume and JSON.exists() else []
+    WORK.mkdir(parents=True, exist_ok=True)
+    provenance()
+    if not any(r["key"] == "gptq" for r in records):
+        r = timed(_cli("quantize", "smollm2-135m", "--method", "gptq", "--grid", "q4_0", "--no-eval", "--force",
+                       "--out", str(WORK / "gptq")))
+        records.append({"key": "gptq", **r, "prov": provenance()})
+        _save(records)
+    for t in args.targets:
+        if any(r["key"] == t for r in records):
+            continue
+        kind, value = t.split(":")
+        flag = {"size": "--max-size", "kld": "--max-kld"}[kind]
+        out = WORK / f"search-{kind}-{value}"
+        r = timed(_cli("search", "smollm2-135m", flag, value, "--quiet", "--force", "--out", str(out)))
+        rec = {"key": t, "kind": kind, "value": float(value), **r}
+        if r["exit_code"] == 0:
+            found = json.loads((out / "search.json").read_text())
+            gguf = out.with_suffix(".gguf")
+            e = timed(_cli("export", str(out), "--format", "gguf", "--embed-type", "q8_0", "--force", "--out", str(gguf)))
+            rec.update(chosen=found["chosen"], candidates=len(found["candidates"]),
+                       built=sum(c["kld"] is not None for c in found["candidates"]), export_exit=e["exit_code"])
+            if e["exit_code"] == 0:
+                rec["llamacpp"] = _score(gguf)
+        rec["known"] = _known(float(value) * 1e6 if kind == "size" else None, float(value) if kind == "kld" else None)
+        records.append({**rec, "prov": provenance()})
+        _save(records)
+    _save(records)
+
+
+def _save(records: list[dict]) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    JSON.write_text(json.dumps(records, indent=1))
+    g = next((r for r in records if r["key"] == "gptq"), None)
+    rows = []
+    for r in records:
+        if r["key"] == "gptq":
+            continue
+        lc, kn = r.get("llamacpp") or {}, r.get("known") or {}
+        ours, theirs = kn.get("compactor"), kn.get("llama.cpp")
+        ratio = (lc["kld_mean"] / ours["kld_mean"]) if lc and ours else None
+        rows.append(f"| {r['key']} | {(r.get('chosen') or {}).get('label', 'FAILED: ' + str(r.get('error')))} | "
+                    f"{r.get('built', '')} of {r.get('candidates', '')} | "
+                    f"{'' if not lc else format(lc['size_bytes'] / 1e6, '.1f')} | {'' if not lc else format(lc['kld_mean'], '.4f')} | "
+                    f"{'—' if not ours else ours['name'] + ' ' + format(ours['kld_mean'], '.4f')} | "
+                    f"{'' if ratio is None else format(ratio, '.2f')} | "
+                    f"{'—' if not theirs else theirs['name'] + ' ' + format(theirs['kld_mean'], '.4f')} | "
+                    f"{r['seconds']:.0f} | {'' if not g else format(r['seconds'] / g['seconds'], '.1f') + 'x'} | "
+                    f"{r.get('load_before', '')} | {prov_ref(records, r)} |")
+    write_result("search", "compactor search on SmolLM2-135M: budgets and a quality floor, scored in llama.cpp",
+                 "Each target: one `compactor search` process (calib:mix, 128 x 512; candidates scored in torch), "
+                 "the chosen model exported to GGUF (embedding Q8_0) and scored in llama.cpp on the four domains "
+                 "(4096 tokens each) against the float reference; 'best known' rows come from "
+                 "`vs_llamacpp.json` (calib:mix). Goal: within 5 % of the best known KLD, in ≤ 3x one GPTQ run"
+                 + (f" (GPTQ Q4_0 here: {g['seconds']:.0f} s, {prov_ref(records, g)})" if g else "") + ".\n\n"
+                 "| target | chosen | built of candidates | file MB | llama.cpp KLD | best known compactor file | "
+                 "ratio to it | best llama.cpp file | search s | vs GPTQ | load before | run |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+                 + "\n\nRuns:\n" + provenance_lines(records))
+
+
+if __name__ == "__main__":
+    main()
