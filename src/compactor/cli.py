@@ -240,7 +240,7 @@ def cmd_prune(args) -> int:
         "magnitude": {"magnitude": {**unstructured, "scope": args.scope}},
         "wanda": {"wanda": unstructured},
         "sparsegpt": {"sparsegpt": unstructured},
-        "heads": {"prune_heads": {"fraction": args.fraction}},
+        "heads": {"prune_heads": {"fraction": args.fraction, "importance": args.head_importance}},
         "channels": {"prune_channels": {"fraction": args.fraction}},
         "layers": {"drop_layers": {"fraction": args.fraction, "metric": args.metric}},
     }[args.method]
@@ -408,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--scope", choices=["layer", "row", "global"], default="layer", help="magnitude: threshold scope")
     pr.add_argument("--fraction", type=float, default=0.25,
                     help="structured: share of KV heads / MLP channels / layers removed (default 0.25)")
+    pr.add_argument("--head-importance", choices=["activation", "gradient"], default="activation",
+                    help="heads: rank by output energy (default) or by Michel et al.'s head-mask gradient")
     pr.add_argument("--metric", choices=["block_influence", "angular"], default="block_influence",
                     help="layers: how to choose them")
     pr.add_argument("--calib-data", default="calib:mix", help="calibration text (default calib:mix)")

@@ -48,6 +48,9 @@ class PruneHeadsConfig(StepConfig):
     fraction: float = 0.0
     count: int | None = None
     samples: int | None = 32
+    #: ``activation``: each head's output energy (prune/importance.py, one pass, streams);
+    #: ``gradient``: Michel et al.'s head-mask gradient (prune/head_mask.py, needs backward)
+    importance: Literal["activation", "gradient"] = "activation"
 
     def validate(self) -> None:
         check(0 <= self.fraction < 1, f"prune_heads.fraction must be in [0, 1), got {self.fraction}")
@@ -96,9 +99,16 @@ def _prune_heads(ctx, cfg: PruneHeadsConfig) -> None:
         raise CompactorError(f"prune_heads: removing {n} of {n_kv} key/value heads per layer would leave none")
     before = count_params(model)
     if n:
-        imp = unit_importance(model, _calib(ctx, cfg.samples), adapter)
-        prune_kv_groups(model, lowest_removed(imp.kv_groups, n), adapter)
-    ctx.reports.append({"step": cfg.name, "kv_heads_removed_per_layer": n, "kv_heads": n_kv - n,
+        windows = _calib(ctx, cfg.samples)
+        if cfg.importance == "gradient":
+            from compactor.prune.head_mask import head_mask_importance
+
+            scores = head_mask_importance(model, windows, adapter)
+        else:
+            scores = unit_importance(model, windows, adapter).kv_groups
+        prune_kv_groups(model, lowest_removed(scores, n), adapter)
+    ctx.reports.append({"step": cfg.name, "importance": cfg.importance, "kv_heads_removed_per_layer": n,
+                        "kv_heads": n_kv - n,
                         "params_before": before, "params_after": count_params(model)})
 
 
