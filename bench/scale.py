@@ -153,7 +153,7 @@ def part_smol(records, args) -> None:
 
 
 def part_synthetic(records, args) -> None:
-    for layers in (8, 32):
+    for layers in args.synthetic_depths:
         src = WORK / f"synthetic-llama-{layers}l"
         if not (src / "config.json").exists():
             t0 = time.perf_counter()
@@ -409,6 +409,8 @@ def main() -> None:
     ap.add_argument("--gptq-windows", type=int, default=4)
     ap.add_argument("--gptq-depths", type=int, nargs="*", default=[8, 32])
     ap.add_argument("--steps", nargs="*", default=["rtn", "gguf", "gptq"], help="synthetic part: which steps")
+    ap.add_argument("--synthetic-depths", type=int, nargs="*", default=[8, 32],
+                    help="synthetic part: cuts of the 8B shape to make and run (peak RSS is per layer)")
     ap.add_argument("--vocab-tokens", type=int, default=8192)
     ap.add_argument("--teacher-tokens", type=int, default=1024, help="teacher part: training tokens")
     ap.add_argument("--baseline-src", default=None, help="vocab part: also run another checkout's code")

@@ -111,8 +111,10 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
         n, length = calib
         tokens = n * length
         if "hessian" in statistics:
-            # Hessian accumulator, its damped copy and the inverse Cholesky factor
-            items.append(("largest Hessian with the solver's copies", max(hidden, inter, attn_width) ** 2 * 4 * 3))
+            # float64 accumulator + its float32 Hessian while it is formed (the sum is then
+            # freed); in the solve the shared Hessian, one owned copy and the factor/inverse
+            # pair: about four float32 n x n at once (primitives.hessian, quant.gptq)
+            items.append(("largest Hessian with the solver's copies", max(hidden, inter, attn_width) ** 2 * 4 * 4))
         else:
             items.append(("per-column statistics and row samples", (hidden + inter) * 4 * 1024 * 2))
         per_token = (hidden + attn_width + inter) * forward_bytes

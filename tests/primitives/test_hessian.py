@@ -64,3 +64,18 @@ def test_lower_triangular_inverse_equals_naive(n, block):
     got = lower_triangular_inverse(L, block)
     torch.testing.assert_close(got, torch.linalg.inv(L), rtol=1e-9, atol=1e-9)
     assert torch.equal(got, got.tril())
+
+
+def test_hessian_is_formed_once_and_frees_the_float64_sum():
+    g = torch.Generator().manual_seed(0)
+    acc = HessianAccumulator(300)
+    x = torch.randn(400, 300, generator=g)
+    acc.add(x)
+    mean_sq = acc.mean_sq()
+    H = acc.hessian()
+    torch.testing.assert_close(H, 2 * x.T.double() @ x.double() / 400, rtol=1e-5, atol=1e-5, check_dtype=False)
+    assert acc.sum is None and acc.hessian() is H  # shared by the modules of a group
+    assert torch.equal(acc.mean_sq(), mean_sq)
+    torch.testing.assert_close(acc.second_moment(), H / 2)
+    with pytest.raises(ValueError, match="already computed"):
+        acc.add(x)
