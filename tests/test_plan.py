@@ -66,3 +66,14 @@ def test_streamed_recipe_refuses_whole_model_steps(tiny_dir):
             "stages": [{"name": "cut", "steps": [{"drop_layers": {"fraction": 0.5}}]}]}
     with pytest.raises(ConfigError, match="'drop_layers' needs the whole model in memory"):
         run_recipe(Recipe.from_dict(data), progress=False)
+
+
+def test_phases_count_only_the_larger_of_what_is_never_together():
+    from compactor.plan import MemoryPlan
+
+    items = [("base", 100), ("largest decoder layer", 500), ("largest Hessian", 300), ("embedding / head", 700)]
+    flat = MemoryPlan(items, 10_000, "test")
+    phased = MemoryPlan(items, 10_000, "test", phases={"largest decoder layer": "layer",
+                                                         "largest Hessian": "layer", "embedding / head": "outer"})
+    assert flat.total == 1600 and phased.total == 100 + 800
+    assert "[layer phase]" in phased.describe() and phased.to_dict()["total"] == 900

@@ -40,10 +40,18 @@ class MemoryPlan:
     cap: int
     cap_source: str
     suggestions: list[str] = field(default_factory=list)
+    #: item name -> phase: items of different phases are never in memory together (a
+    #: streamed run materializes the embedding / head, or one decoder layer, not both)
+    phases: dict[str, str] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
-        return sum(b for _, b in self.items)
+        common = sum(b for k, b in self.items if k not in self.phases)
+        by_phase: dict[str, int] = {}
+        for k, b in self.items:
+            if k in self.phases:
+                by_phase[self.phases[k]] = by_phase.get(self.phases[k], 0) + b
+        return common + max(by_phase.values(), default=0)
 
     @property
     def fits(self) -> bool:
@@ -51,9 +59,12 @@ class MemoryPlan:
 
     def describe(self) -> str:
         w = max(len(k) for k, _ in self.items)
-        lines = ["memory plan:"] + [f"  {k.ljust(w)}  {fmt_bytes(b):>10}" for k, b in self.items]
+        lines = ["memory plan:"] + [f"  {k.ljust(w)}  {fmt_bytes(b):>10}"
+                                    + (f"  [{self.phases[k]} phase]" if k in self.phases else "")
+                                    for k, b in self.items]
         lines.append(f"  {'estimated peak RSS'.ljust(w)}  {fmt_bytes(self.total):>10}  "
-                     f"(cap {fmt_bytes(self.cap)}, {self.cap_source})")
+                     f"(cap {fmt_bytes(self.cap)}, {self.cap_source}"
+                     + ("; of each phase only the larger counts" if self.phases else "") + ")")
         return "\n".join(lines)
 
     def refusal(self) -> str:
@@ -62,7 +73,7 @@ class MemoryPlan:
                 f"{fmt_bytes(self.cap)} ({self.cap_source}); nothing was written. What would fit: {what}")
 
     def to_dict(self) -> dict:
-        return {"items": dict(self.items), "total": self.total, "cap": self.cap,
+        return {"items": dict(self.items), "phases": dict(self.phases), "total": self.total, "cap": self.cap,
                 "cap_source": self.cap_source, "fits": self.fits}
 
 
@@ -138,7 +149,17 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
         cap, source = parse_bytes(max_memory), "--max-memory"
     else:
         cap, source = available_bytes() + items[0][1], "memory available now"
-    plan = MemoryPlan(items, cap, source)
+    phases = {}
+    if streamed:
+        # One decoder layer with its statistics, or the embedding / head (capture, writing
+        # the outer parts, the evaluation's head): never both at once.
+        for k, _ in items:
+            if k.startswith(("largest decoder layer", "largest Hessian", "per-column statistics",
+                             "one forward batch")):
+                phases[k] = "layer"
+            elif k.startswith(("embedding / head", "evaluation")):
+                phases[k] = "outer"
+    plan = MemoryPlan(items, cap, source, phases=phases)
     if not plan.fits:
         plan.suggestions = _suggest(plan, streamed, spill, calib, eval_windows)
     return plan
