@@ -303,8 +303,9 @@ def _projection(records: list[dict]) -> str:
             "(measured above), so it is the 8B run's at 8B; at 70B the largest Hessian "
             f"({LLAMA70B['intermediate_size']:,}² float64 accumulator, {LLAMA70B['intermediate_size'] ** 2 * 8 / 1e9:.1f} GB, "
             "plus float32 solver copies) alone passes an 8 GB cap. Under torchrun "
-            "the calibration forwards split across N machines but every process solves every module "
-            "(the owner-rank split is not built), so only the forward share shrinks.\n\n"
+            "the calibration forwards split across N machines, and the modules of a group that share an "
+            "input (q/k/v, gate/up) are solved by different owners; o and down are solved by one process. "
+            "The table divides only the forward share (conservative).\n\n"
             "| model | s / layer | 1 machine | forward share | 2 / 4 / 8 machines |\n|---|---|---|---|---|\n"
             + "\n".join(rows) + "\n")
 
