@@ -80,18 +80,26 @@ class HessianAccumulator:
         return (diag / max(self.count, 1)).float()
 
 
+def damped_diagonal(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """(damped diagonal [in] float32, dead mask [in]) of ``H``: dead columns (zero diagonal,
+    never active) get 1, then ``percdamp * mean`` is added — decided on the diagonal alone,
+    so a solver can build its one copy of H already permuted."""
+    diag = torch.diagonal(H).float()
+    dead = diag == 0
+    d = torch.where(dead, torch.ones_like(diag), diag)
+    return d + percdamp * d.mean(), dead
+
+
 def prepare_hessian(H: torch.Tensor, percdamp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
     """Damp ``H`` and mark dead columns. Returns (damped H, dead mask [in]).
 
     Dead columns (never active: zero diagonal) get H_jj = 1 so H stays invertible; their
     weights should be zeroed by the caller (they never influence the output). Damping adds
-    ``percdamp * mean(diag H)`` to the diagonal.
+    ``percdamp * mean(diag H)`` to the diagonal (:func:`damped_diagonal`).
     """
+    d, dead = damped_diagonal(H, percdamp)
     H = H.clone().float()
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    diag[dead] = 1.0
-    diag += percdamp * diag.mean()
+    torch.diagonal(H).copy_(d)
     return H, dead
 
 

@@ -21,7 +21,7 @@ from typing import Literal
 import torch
 
 from compactor.config import check
-from compactor.primitives.hessian import inverse_cholesky_upper
+from compactor.primitives.hessian import damped_diagonal, inverse_cholesky_upper
 from compactor.primitives.qparams import QParams, concat_columns
 from compactor.primitives.threads import one_thread
 from compactor.quant.qlinear import QuantizedLinear
@@ -73,10 +73,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit, unit: int, block_size: int = 128
     # untouched): damping and dead columns are decided on the diagonal alone, the copy is
     # taken already permuted, and λ is applied to it in place — at n = 14,336 each n x n
     # float32 copy is 0.8 GB.
-    diag = torch.diagonal(H).float()
-    dead = diag == 0
-    d = torch.where(dead, torch.ones_like(diag), diag)
-    d = d + percdamp * d.mean()  # prepare_hessian's damping, on the diagonal alone
+    d, dead = damped_diagonal(H, percdamp)
     W[:, dead] = 0  # inputs that are always zero: their weights never matter
     if static_groups:
         qp = fit(W, importance)
@@ -89,7 +86,7 @@ def gptq(W: torch.Tensor, H: torch.Tensor, fit, unit: int, block_size: int = 128
     if diag_mix:
         H.mul_(1.0 - diag_mix)  # (1 - λ) H + λ diag(H): off-diagonal entries shrink
     torch.diagonal(H).copy_(d[perm])  # the damped diagonal (unchanged by λ)
-    del diag, d
+    del d
     Hinv = inverse_cholesky_upper(H, consume=True)  # U with H^-1 = U^T U; row i holds column i's updates
     del H
     codes_t = torch.zeros(n, out, dtype=torch.int32)  # [in, out]: one contiguous row per column
