@@ -52,6 +52,8 @@ class TaskTrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 1
     grad_clip: float = 1.0
+    #: batches drawn together and grouped by length, so a batch pads little (0: off)
+    bucket: int = 50
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.alpha <= 1.0:
@@ -59,8 +61,8 @@ class TaskTrainConfig:
         for name in ("epochs", "lr", "temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"task_distill.{name} must be positive, got {getattr(self, name)}")
-        if self.batch < 1 or self.max_length < 4:
-            raise ConfigError("task_distill.batch must be >= 1 and max_length >= 4")
+        if self.batch < 1 or self.max_length < 4 or self.bucket < 0:
+            raise ConfigError("task_distill.batch must be >= 1, max_length >= 4 and bucket >= 0")
         if min(self.cosine, self.attention, self.head_lr, self.weight_decay) < 0:
             raise ConfigError("task_distill.cosine / attention / head_lr / weight_decay must be >= 0")
 
@@ -84,6 +86,21 @@ class TaskTrainConfig:
         return asdict(self)
 
 
+def bucketed_indices(lengths: list[int], batch: int, step: int, seed: int, group: int) -> torch.Tensor:
+    """Example indices of ``step`` when ``group`` consecutive batches of the seeded epoch order
+    are drawn together, sorted by length and cut into batches, whose order within the group
+    is shuffled (seeded): each batch holds texts of similar length, so padding costs little,
+    and the step number still determines the batch (exact resume)."""
+    if group <= 1:
+        return step_indices(len(lengths), batch, step, seed)
+    g, j = divmod(step, group)
+    pool = step_indices(len(lengths), batch * group, g, seed)
+    pool = pool[torch.as_tensor(sorted(range(len(pool)), key=lambda i: lengths[int(pool[i])]))]
+    order = torch.randperm(group, generator=torch.Generator().manual_seed(seed * 7919 + g))
+    k = int(order[j])
+    return pool[k * batch:(k + 1) * batch]
+
+
 @torch.no_grad()
 def teacher_logits(teacher: TaskModel, data: Encoded, batch: int = 64) -> torch.Tensor:
     """``[N, labels]`` logits of the frozen teacher on every example (length-sorted batches)."""
@@ -93,6 +110,25 @@ def teacher_logits(teacher: TaskModel, data: Encoded, batch: int = 64) -> torch.
         ids, mask, _ = data.batch(idx)
         out[torch.as_tensor(idx)] = teacher(ids, mask).logits.float()
     return out
+
+
+def cached_teacher_logits(teacher: TaskModel, data: Encoded) -> torch.Tensor:
+    """:func:`teacher_logits`, kept under ``$COMPACTOR_HOME/teacher-cache`` keyed by the
+    teacher's weights and the token ids, so students of one teacher compute them once."""
+    from safetensors.torch import load_file, save_file
+
+    from compactor.io import atomic_file, home
+
+    h = hashlib.sha256(state_digest(teacher).encode())
+    for row in data.ids:
+        h.update(bytes(str(row), "ascii"))
+    path = home() / "teacher-cache" / f"task-{h.hexdigest()[:24]}.safetensors"
+    if path.exists():
+        return load_file(str(path))["logits"]
+    logits = teacher_logits(teacher, data)
+    with atomic_file(path) as tmp:
+        save_file({"logits": logits.contiguous()}, str(tmp))
+    return logits
 
 
 class TaskTrainer:
@@ -131,6 +167,7 @@ class TaskTrainer:
         self.step, self.resumed_from = 0, None
         self.fingerprint = self._fingerprint()
         self._soft = None
+        self._lengths = [len(r) for r in train.ids]
 
     def _fingerprint(self) -> str:
         h = hashlib.sha256(json.dumps(self.cfg.to_dict(), sort_keys=True).encode())
@@ -173,7 +210,7 @@ class TaskTrainer:
         return loss + cfg.cosine * terms.get("cos", 0.0) + cfg.attention * terms.get("att", 0.0)
 
     def train_step(self) -> dict:
-        idx = step_indices(len(self.train), self.cfg.batch, self.step, self.cfg.seed)
+        idx = bucketed_indices(self._lengths, self.cfg.batch, self.step, self.cfg.seed, self.cfg.bucket)
         self.opt.zero_grad(set_to_none=True)
         terms = self.loss_terms(idx)
         loss = self.total(terms)
@@ -209,7 +246,7 @@ class TaskTrainer:
             log.unlink(missing_ok=True)
         t0 = time.perf_counter()
         if self.cfg.needs_teacher and not self.cfg.live_teacher:
-            self._soft = teacher_logits(self.teacher, self.teacher_train)
+            self._soft = cached_teacher_logits(self.teacher, self.teacher_train)
         teacher_secs = time.perf_counter() - t0
         per_epoch = max(1, math.ceil(len(self.train) / self.cfg.batch))
         evals = []
