@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from compactor.cli_task import add_task_parsers
 from compactor.cli_train import add_training_parsers
 
 
@@ -86,6 +87,10 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from compactor.cli_task import cmd_task_eval, is_task_target
+
+    if is_task_target(args.model, args.task):
+        return cmd_task_eval(args)
     from compactor.data.windows import domain_windows
     from compactor.evaluate import evaluate, table, to_json
     from compactor.models.load import load_model
@@ -199,6 +204,19 @@ def cmd_quantize(args) -> int:
 
 
 def cmd_export(args) -> int:
+    from compactor.cli_task import cmd_task_export, is_task_target
+
+    if is_task_target(args.model, None):
+        return cmd_task_export(args)
+    if args.int8 == "static":
+        from compactor.errors import CompactorError
+
+        raise CompactorError("--int8 static is for task models (encoders); a causal LM's ONNX int8 is "
+                             "dynamic (per-channel weights, activations per batch)")
+    if args.calib_data or args.eval_data:
+        from compactor.errors import CompactorError
+
+        raise CompactorError("--calib-data and --eval-data of export are for task models (encoders)")
     from compactor.export.api import export_model
     from compactor.export.gguf import GGUFTypes
     from compactor.models.load import load_model
@@ -208,7 +226,7 @@ def cmd_export(args) -> int:
     if args.format == "gguf":
         opts["types"] = GGUFTypes(args.type, args.embed_type, args.head_type)
     elif args.format == "onnx":
-        opts["int8"] = args.int8
+        opts["int8"] = args.int8 is not None
     else:
         opts["float_type"] = args.float_type
     res = export_model(loaded, args.format, args.out, overwrite=args.force,
@@ -328,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, KLD/top-1 vs a reference, size and speed")
     e.add_argument("model", help="alias, transformers directory, or .gguf file (run in llama.cpp)")
     e.add_argument("--reference", help="reference model for KL divergence and top-1 agreement")
+    e.add_argument("--task", choices=["classify"], default=None,
+                   help="classify: accuracy, macro-F1, confusion and latency of a task model (found "
+                        "automatically for a task directory or its .onnx; --eval-data default tweets:test)")
     _add_data_args(e)
     e.add_argument("--json", metavar="OUT.json", help="also write the metrics as JSON")
     e.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed test")
@@ -390,8 +411,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--float-type", default="bf16", choices=["bf16", "f16", "f32"],
                    help="compressed-tensors: dtype of the tensors outside the quantized linears "
                         "(embedding, norms; default bf16)")
-    x.add_argument("--int8", action="store_true",
-                   help="onnx: also apply onnxruntime's dynamic int8 quantization (verified file: model.int8.onnx)")
+    x.add_argument("--int8", nargs="?", const="dynamic", choices=["dynamic", "static"], default=None,
+                   help="onnx: also write onnxruntime int8 (verified file: model.int8.onnx): dynamic "
+                        "(default when given alone) or, for task models, static (calibrated on --calib-data)")
+    x.add_argument("--calib-data", default=None,
+                   help="task models, --int8 static: labeled data whose texts calibrate activation ranges "
+                        "(default tweets:train)")
+    x.add_argument("--eval-data", default=None,
+                   help="task models: labeled data the export is verified on in onnxruntime (default tweets:test)")
     x.add_argument("--no-verify", action="store_true",
                    help="skip the runtime check (reload in llama.cpp and compare logits)")
     x.add_argument("--out", required=True, help="output file (gguf) or directory (compressed-tensors, onnx)")
@@ -428,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(fn=cmd_stats)
 
     add_training_parsers(sub)
+    add_task_parsers(sub)
 
     se = sub.add_parser("search", help="the best file under a size budget, or the smallest that meets a quality floor")
     se.add_argument("model")

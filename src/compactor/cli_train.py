@@ -11,6 +11,14 @@ _DISTILL_KEYS = ("student", "ce", "kl", "reverse_kl", "gjsd", "beta", "tv", "hid
 
 
 def cmd_distill(args) -> int:
+    if args.task == "classify":
+        from compactor.cli_task import cmd_task_distill
+
+        return cmd_task_distill(args)
+    if args.trim_vocab or args.epochs is not None:
+        from compactor.errors import CompactorError
+
+        raise CompactorError("--trim-vocab and --epochs belong to --task classify")
     from compactor.evaluate import table
     from compactor.recipe import Recipe, run_recipe
 
@@ -94,6 +102,13 @@ def add_training_parsers(sub) -> None:
     """Add ``distill`` and ``qat`` to the subcommands."""
     d = sub.add_parser("distill", help="train a smaller student from a teacher (KD, JSD, feature losses)")
     d.add_argument("--teacher", required=True, help="teacher model (alias, directory or GGUF)")
+    d.add_argument("--task", choices=["lm", "classify"], default="lm",
+                   help="lm: a causal LM on text (default); classify: an encoder task model on labeled "
+                        "data (--student layers:F[:every|lower|importance]; --kl α, --ce 1-α, --hidden-cos, "
+                        "--attention; --train-data tweets:train; --eval-data scored per epoch, default tweets:dev)")
+    d.add_argument("--epochs", type=float, help="classify: passes over the training data (default 2)")
+    d.add_argument("--trim-vocab", action="store_true",
+                   help="classify: keep only the tokens the training texts use (+ single characters)")
     d.add_argument("--student", default="layers:0.5",
                    help="student spec: layers:every-other, layers:0.5[:angular], channels:0.25, heads:0.33, "
                         "config:k=v,..., random, same, a model path, or '+'-chained (default layers:0.5)")
@@ -122,7 +137,7 @@ def add_training_parsers(sub) -> None:
     d.add_argument("--seed", type=int)
     d.add_argument("--eval-every", type=int)
     d.add_argument("--checkpoint-every", type=int)
-    d.add_argument("--eval-data", default="domains", help="evaluation text, as eval --data (default domains)")
+    d.add_argument("--eval-data", default="domains", help="evaluation text, as eval --eval-data (default domains)")
     d.add_argument("--eval-tokens", type=int, default=4096, help="evaluation tokens per domain (default 4096)")
     d.add_argument("--eval-window", type=int, default=256, help="evaluation window length (default 256)")
     d.add_argument("--calib-window", type=int, default=256,

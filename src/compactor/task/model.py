@@ -43,7 +43,9 @@ class TaskModel(nn.Module):
         self.encoder = encoder
         self.labels = tuple(labels)
         self.dropout = nn.Dropout(dropout)
-        self.head = head if head is not None else nn.Linear(encoder.config.hidden_size, len(self.labels))
+        if head is None and self.labels:
+            head = nn.Linear(encoder.config.hidden_size, len(self.labels))
+        self.head = head  # None: a bare encoder (no task yet)
 
     @property
     def config(self):
@@ -56,6 +58,8 @@ class TaskModel(nn.Module):
         h = out.last_hidden_state                                   # [B, T, d]
         m = attention_mask.unsqueeze(-1).to(h.dtype)                # [B, T, 1]: 1 on real tokens
         pooled = (h * m).sum(1) / m.sum(1).clamp_min(1.0)           # [B, d]
+        if self.head is None:
+            raise CompactorError("this encoder has no classification head (fine-tune it on labeled data first)")
         return TaskOutput(self.head(self.dropout(pooled)), out.hidden_states if hidden else None,
                           out.attentions if attentions else None, pooled)
 

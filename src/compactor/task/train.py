@@ -220,7 +220,7 @@ class TaskTrainer:
         self.opt.step()
         self.sched.step()
         self.step += 1
-        return {"step": self.step, "loss": float(loss), **{k: float(v) for k, v in terms.items()},
+        return {"step": self.step, "loss": float(loss.detach()), **{k: float(v.detach()) for k, v in terms.items()},
                 "lr": self.sched.get_last_lr()[0]}
 
     # ---- the loop -----------------------------------------------------------------------
