@@ -48,17 +48,26 @@ MODELS = {
     "student KD importance": ("distill", "layers:0.5:importance", dict(epochs=1.0, alpha=0.7, temperature=2.0), False),
     "student KD + cosine": ("distill", "layers:0.5", dict(epochs=1.0, alpha=0.7, temperature=2.0, cosine=1.0), False),
     "student KD trim": ("distill", "layers:0.5", dict(epochs=1.0, alpha=0.7, temperature=2.0), True),
+    # Michel head-mask importance on the 3-layer student, half its heads kept, then KD
+    "student KD heads:0.5": ("distill", "layers:0.5+heads:0.5", dict(epochs=1.0, alpha=0.7, temperature=2.0), False),
 }
-FORMATS = ("torch", "onnx fp32", "onnx int8 dynamic", "onnx int8 static")
+FORMATS = ("torch", "torch int8 dynamic", "onnx fp32", "onnx int8 dynamic", "onnx int8 static")
+#: PyTorch's own dynamic int8 of the Linear layers (torch.ao, deprecated in 2.13): the seeds'
+#: baseline, scored in torch; not a compactor deployment path.
+TORCH_INT8 = "torch int8 dynamic"
 
 
 def _work() -> Path:
     return home() / "bench" / "encoder"
 
 
+def _dir(name: str) -> Path:
+    return _work() / name.replace(" ", "_").replace("+", "plus").replace(":", "")
+
+
 def _train(name: str, resume: bool) -> tuple[Path, dict]:
     kind, spec, settings, trim = MODELS[name]
-    out = _work() / name.replace(" ", "_").replace("+", "plus")
+    out = _dir(name)
     if (out / "task_run.json").exists():
         return out, json.loads((out / "task_run.json").read_text())
     cfg = TaskTrainConfig(**BASE, **settings)
@@ -70,9 +79,38 @@ def _train(name: str, resume: bool) -> tuple[Path, dict]:
     return out, rec
 
 
+def _torch_int8(model_dir: Path):
+    """(task, quantized model, serialized bytes) of PyTorch's dynamic int8 of the Linears."""
+    import io
+    import warnings
+
+    import torch
+
+    from compactor.task.model import load_task
+
+    task = load_task(str(model_dir))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao's deprecation notice
+        q = torch.ao.quantization.quantize_dynamic(task.model, {torch.nn.Linear}, dtype=torch.qint8)
+    buf = io.BytesIO()
+    torch.save(q.state_dict(), buf)
+    return task, q, buf.tell()
+
+
+def _eval_torch_int8(model_dir: Path) -> dict:
+    from compactor.data.labeled import load_labeled
+    from compactor.task.batches import encode
+    from compactor.task.evaluate import predict_torch
+
+    task, q, size = _torch_int8(model_dir)
+    lab = load_labeled(TEST, names=task.model.labels)
+    pred = predict_torch(q, encode(task.tokenizer, lab.texts, lab.labels, BASE["max_length"]))
+    return {**pred.scores, "size_bytes": size}
+
+
 def _file(model_dir: Path, fmt: str) -> tuple[str, dict | None]:
     """The path ``eval`` scores for ``fmt`` (exporting, and verifying, first)."""
-    if fmt == "torch":
+    if fmt in ("torch", TORCH_INT8):
         return str(model_dir), None
     mode = {"onnx fp32": None, "onnx int8 dynamic": "dynamic", "onnx int8 static": "static"}[fmt]
     out = model_dir.with_name(model_dir.name + f".onnx-{mode or 'fp32'}")
@@ -102,7 +140,8 @@ def main() -> None:
                 if (name, fmt) in done:
                     continue
                 path, export_rec = _file(model_dir, fmt)
-                res = eval_task(path, TEST, speed=False, max_length=BASE["max_length"])
+                res = (_eval_torch_int8(model_dir) if fmt == TORCH_INT8 else
+                       eval_task(path, TEST, speed=False, max_length=BASE["max_length"]))
                 records.append({"model": name, "format": fmt, "prov": prov, "load_before": os.getloadavg()[0],
                                 "train": {k: train_rec.get(k) for k in ("kind", "student", "layers", "vocabulary",
                                                                          "params", "seconds", "steps", "config")},
@@ -129,16 +168,17 @@ def _speed(records: list[dict], prov: dict) -> None:
     for r in records:
         if r.get("latency"):
             continue
-        model_dir = _work() / r["model"].replace(" ", "_").replace("+", "plus")
+        model_dir = _dir(r["model"])
         path, _ = _file(model_dir, r["format"])
-        if r["format"] == "torch":
-            task = load_task(path)
-            tok, names = task.tokenizer, task.model.labels
+        if r["format"] in ("torch", TORCH_INT8):
             import torch
 
             torch.set_num_threads(2)
+            task = load_task(path)
+            model = _torch_int8(model_dir)[1] if r["format"] == TORCH_INT8 else task.model
+            tok, names = task.tokenizer, task.model.labels
 
-            def run(ids, mask, m=task.model):
+            def run(ids, mask, m=model):
                 return m(ids, mask).logits
         else:
             tok, names = load_task_meta(Path(path).parent)
@@ -162,7 +202,7 @@ def render(records: list[dict]) -> None:
         ret = f"{r['macro_f1'] / t['macro_f1']:.3f}" if t else ""
         size_ratio = f"{r['size_bytes'] / t_onnx['size_bytes']:.3f}" if t_onnx else ""
         lat = r.get("latency") or {}
-        ref = by.get(("teacher", "torch" if r["format"] == "torch" else "onnx fp32"), {}).get("latency") or {}
+        ref = by.get(("teacher", "torch" if r["format"].startswith("torch") else "onnx fp32"), {}).get("latency") or {}
         speedup = f"{ref['batch1_ms'] / lat['batch1_ms']:.2f}×" if lat and ref else ""
         agree = (r.get("export") or {}).get("verify") or []
         agree = f"{agree[-1]['agreement']:.4f}" if agree else ""
@@ -189,7 +229,8 @@ def render(records: list[dict]) -> None:
     n_test = sum(map(sum, records[0]["confusion"])) if records else 0
     body = (f"Task: 3-way tweet sentiment (`tweets:test`, {n_test} texts). "
             "Retention = macro-F1 / the teacher's torch macro-F1. File MB: the torch row counts its safetensors "
-            "files, ONNX rows the graph. Speed-up: batch-1 latency of the teacher in the same runtime "
+            "files, the torch int8 row its serialized state dict (PyTorch's `quantize_dynamic` of the Linear "
+            "layers, the seeds' baseline, deprecated in torch 2.13), ONNX rows the graph. Speed-up: batch-1 latency of the teacher in the same runtime "
             "(torch vs torch, ONNX vs ONNX fp32) over the row's.\n\n"
             f"Latency pass: 1-minute load average before it {loads} (above ~0.5, another job shared the cores).\n\n"
             + "\n".join(lines) + "\n\nTraining:\n\n" + "\n".join(train)

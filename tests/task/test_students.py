@@ -79,3 +79,23 @@ def test_importance_keeps_the_layers_that_change_the_state(tmp_path):
     assert choose_layers(task, "layers:2:importance", batches) == [1, 3]
     with pytest.raises(CompactorError, match="need data"):
         choose_layers(task, "layers:2:importance")
+
+
+def test_head_pruning_by_mask_gradients_saves_loads_and_exports(teacher_dir, task_files, tmp_path):
+    """Michel importance on a task model, per-layer head counts through save / load, and the
+    pruned model's ONNX graph verified in onnxruntime."""
+    from compactor.prune.head_mask import mask_gradients  # noqa: F401  (the shared core)
+    from compactor.task.api import distill_task, eval_task, export_task
+    from compactor.task.heads import head_counts
+    from compactor.task.train import TaskTrainConfig
+
+    out = tmp_path / "s"
+    rec = distill_task(str(teacher_dir), "layers:1+heads:0.5", task_files["train"], None, out,
+                       TaskTrainConfig(epochs=1, batch=16, lr=3e-3, alpha=0.5, max_length=16, checkpoint_every=0),
+                       progress=False)
+    assert rec["layers"] == [1] and len(rec["heads"]) == 1 and len(rec["heads"][0]) == 2
+    loaded = load_task(str(out))
+    assert head_counts(loaded.model, loaded.adapter) == [2]
+    assert eval_task(str(out), task_files["test"], speed=False)["accuracy"] > 0.5
+    x = export_task(str(out), tmp_path / "x", None, task_files["train"], task_files["test"], max_length=16)
+    assert x["verify"][0]["passed"] and "Attention" not in x["fused_ops"]

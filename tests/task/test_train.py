@@ -94,7 +94,7 @@ def test_buckets_cover_every_example_once_per_epoch_with_little_padding():
 def test_bad_settings_and_inputs(teacher_dir, task_files, tmp_path):
     with pytest.raises(ConfigError, match="alpha"):
         TaskTrainConfig(alpha=1.5)
-    with pytest.raises(ConfigError, match="unknown key"):
+    with pytest.raises(ConfigError, match="unknown key .temprature."):
         TaskTrainConfig.from_dict({"epochs": 1, "temprature": 2})
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "good1 word2", "label": "happy"}\n')
@@ -106,3 +106,35 @@ def test_bad_settings_and_inputs(teacher_dir, task_files, tmp_path):
     with pytest.raises(CompactorError, match="no classification head"):
         distill_task(str(task_files["encoder"]), "layers:1", task_files["dev"], None, tmp_path / "o", _cfg(),
                      progress=False)
+
+
+def test_encoder_head_mask_gradients_match_finite_differences(tmp_path):
+    from compactor.prune.head_mask import mask_gradients
+    from compactor.task.model import load_task
+    from tests.task.tiny import make_encoder
+
+    task = load_task(str(make_encoder(tmp_path / "e", layers=2, seed=7)), ("a", "b", "c"))
+    model = task.model.double().eval()
+    ids = torch.randint(5, 100, (3, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    y = torch.tensor([0, 2, 1])
+    projs = [layer.attention.output.dense for layer in model.encoder.encoder.layer]
+
+    def loss():
+        return torch.nn.functional.cross_entropy(model(ids, mask).logits, y)
+
+    grads = mask_gradients(projs, 4, 8, loss, model)
+    eps = 1e-5
+    for li, h in [(0, 0), (0, 3), (1, 2)]:
+        vals = []
+        for sign in (1, -1):
+            m = [torch.ones(4, dtype=torch.float64) for _ in range(2)]
+            m[li][h] += sign * eps
+            hooks = [p.register_forward_pre_hook(lambda _m, a, x=x: (a[0] * x.repeat_interleave(8),))
+                     for p, x in zip(projs, m)]
+            with torch.no_grad():
+                vals.append(loss().item())
+            for hk in hooks:
+                hk.remove()
+        assert grads[li][h].item() == pytest.approx((vals[0] - vals[1]) / (2 * eps), rel=1e-4, abs=1e-8)

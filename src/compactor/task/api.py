@@ -66,9 +66,25 @@ def distill_task(teacher_dir: str, student_spec: str, train: str, dev: str | Non
         raise CompactorError(f"{teacher_dir}: the teacher has no classification head (fine-tune it first: "
                              "compactor finetune)")
     lab, tr = _data(train, teacher.tokenizer, cfg, teacher.model.labels)
-    sample = (tr.batch(idx)[:2] for idx in list(tr.by_length(32))[::16])  # importance: ~1/16 of train
-    keep = choose_layers(teacher, student_spec, sample)
+    parts = student_spec.split("+")
+    layer_spec = [p for p in parts if p.startswith("layers:")]
+    head_spec = [p for p in parts if p.startswith("heads:")]
+    if len(layer_spec) + len(head_spec) != len(parts) or len(layer_spec) > 1 or len(head_spec) > 1:
+        raise CompactorError(f"student {student_spec!r}: expected layers:..., heads:F, or layers:...+heads:F")
+    sample = [tr.batch(idx) for idx in list(tr.by_length(32))[::16]]  # importance: ~1/16 of train
+    n_layers = teacher.model.config.num_hidden_layers
+    keep = choose_layers(teacher, layer_spec[0], [b[:2] for b in sample]) if layer_spec else list(range(n_layers))
     student = layer_student(teacher, keep)
+    heads = None
+    if head_spec:
+        from compactor.task.heads import choose_heads, head_importance, prune_heads
+
+        try:
+            fraction = float(head_spec[0].split(":", 1)[1])
+        except ValueError:
+            raise CompactorError(f"student {student_spec!r}: heads:F takes a fraction such as 0.5") from None
+        heads = choose_heads(head_importance(student, teacher.adapter, sample), fraction)
+        prune_heads(student, teacher.adapter, heads)
     tokenizer, vocab = teacher.tokenizer, None
     if trim_vocab:
         ids = kept_tokens(teacher.tokenizer, lab.texts)
@@ -81,7 +97,7 @@ def distill_task(teacher_dir: str, student_spec: str, train: str, dev: str | Non
     trainer = TaskTrainer(student, tr_s, cfg, _work(out), teacher=teacher.model, dev=dv, layer_map=keep,
                           progress=progress, teacher_train=tr if trim_vocab else None)
     rec = trainer.run(resume=resume)
-    record = {"kind": "distill", "teacher": teacher_dir, "student": student_spec, "layers": keep,
+    record = {"kind": "distill", "teacher": teacher_dir, "student": student_spec, "layers": keep, "heads": heads,
               "vocabulary": vocab, "train": lab.provenance, "dev": dev,
               "params": parameter_count(student), "teacher_params": parameter_count(teacher.model), **rec}
     _save(student, tokenizer, out, record, overwrite)

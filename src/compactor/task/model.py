@@ -122,17 +122,22 @@ def load_task(source: str, labels: tuple[str, ...] | None = None) -> LoadedTask:
     except (ValueError, OSError) as exc:
         raise CompactorError(f"{path}/config.json is not a usable model config: {exc}") from None
     adapter = encoder_adapter_for_model_type(config.model_type, str(path))
+    task_file = path / TASK_FILE
+    meta = json.loads(task_file.read_text()) if task_file.exists() else {}
     try:
-        encoder = AutoModel.from_pretrained(str(path), dtype=torch.float32, add_pooling_layer=_has_pooler(path, adapter),
-                                            **LOCAL)
+        if meta.get("heads"):  # per-layer head counts of a head-pruned model
+            encoder = _load_pruned(path, config, adapter, meta["heads"])
+        else:
+            encoder = AutoModel.from_pretrained(str(path), dtype=torch.float32,
+                                                add_pooling_layer=_has_pooler(path, adapter), **LOCAL)
         tokenizer = AutoTokenizer.from_pretrained(str(path), **LOCAL)
+    except CompactorError:
+        raise
     except Exception as exc:  # transformers raises assorted types on damaged files
         raise CompactorError(f"could not load the encoder in {path}: {type(exc).__name__}: "
                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
     setattr(encoder, adapter.pooler, None)  # mean pooling: a pooler is dead weight
-    task_file = path / TASK_FILE
-    if task_file.exists():
-        meta = json.loads(task_file.read_text())
+    if meta:
         saved = tuple(meta["labels"])
         if labels is not None and tuple(labels) != saved:
             raise CompactorError(f"{path}: the model's labels are {', '.join(saved)}, the data's "
@@ -143,6 +148,26 @@ def load_task(source: str, labels: tuple[str, ...] | None = None) -> LoadedTask:
         model = TaskModel(encoder, tuple(labels or ()))
     model.eval()
     return LoadedTask(model, tokenizer, adapter, source, path, time.perf_counter() - t0)
+
+
+def _load_pruned(path: Path, config, adapter: EncoderAdapter, counts: list[int]):
+    """Build the encoder with the saved per-layer head counts, then read its weights strictly."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from compactor.models.checkpoint import CheckpointIndex
+    from compactor.task.heads import shrink_to_counts
+
+    encoder = AutoModel.from_config(config, add_pooling_layer=_has_pooler(path, adapter))
+    shrink_to_counts(TaskModel(encoder, ("_",)), adapter, counts)
+    state = {}
+    for shard in sorted(set(CheckpointIndex(path).where.values())):
+        state.update(load_file(str(path / shard)))
+    missing, unexpected = encoder.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CompactorError(f"{path}: weights do not match the pruned shapes (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})")
+    return encoder
 
 
 def _has_pooler(path: Path, adapter: EncoderAdapter) -> bool:
@@ -192,8 +217,13 @@ def save_task(model: TaskModel, tokenizer, out: Path, extra: dict | None = None)
     model.encoder.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
+    from compactor.task.heads import head_counts
+
     meta = {"task": "classify", "labels": list(model.labels), "pooling": "mean",
             "dropout": model.dropout.p, **(extra or {})}
+    counts = head_counts(model, encoder_adapter_for_model_type(model.config.model_type))
+    if len(set(counts)) > 1 or counts[0] != getattr(model.config, "num_attention_heads", counts[0]):
+        meta["heads"] = counts  # per layer: plain transformers cannot load this model
     (out / TASK_FILE).write_text(json.dumps(meta, indent=1))
 
 

@@ -85,9 +85,19 @@ def export_task_onnx(model: TaskModel, out_dir: Path, int8: str | None = None, c
     out_dir = Path(out_dir)
     raw = out_dir / "model.raw.onnx"
     _trace(model, raw)
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    from compactor.models.adapters import encoder_adapter_for_model_type
+    from compactor.task.heads import head_counts
+
     cfg = model.config
+    counts = head_counts(model, encoder_adapter_for_model_type(cfg.model_type))
+    options = FusionOptions("bert")
+    # The fused Attention op assumes every head of the config; a head-pruned model keeps fewer
+    # (its own count per layer), so its attention stays unfused (everything else still fuses).
+    options.enable_attention = all(c == cfg.num_attention_heads for c in counts)
     opt = optimize_model(str(raw), model_type="bert", num_heads=heads or cfg.num_attention_heads,
-                         hidden_size=cfg.hidden_size)
+                         hidden_size=cfg.hidden_size, optimization_options=options)
     fused = {k: v for k, v in opt.get_fused_operator_statistics().items() if v}
     path = out_dir / "model.onnx"
     opt.save_model_to_file(str(path))

@@ -18,7 +18,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,15 +27,18 @@ from tqdm.auto import tqdm
 from compactor.distill.checkpoint import list_checkpoints, read_checkpoint, step_indices, write_checkpoint
 from compactor.distill.losses import attention_kl, cross_entropy, forward_kl, hidden_cosine
 from compactor.distill.trainer import lr_factor, state_digest
-from compactor.errors import ConfigError, CompactorError
+from compactor.config import StepConfig, check
+from compactor.errors import CompactorError
 from compactor.task.batches import Encoded
 from compactor.task.model import TaskModel
 
 
-@dataclass
-class TaskTrainConfig:
-    """Settings of one fine-tuning or task-distillation run (recipe key ``task_distill``)."""
+@dataclass(frozen=True)
+class TaskTrainConfig(StepConfig):
+    """Settings of one fine-tuning or task-distillation run (typed and range-checked; unknown
+    keys are refused by :meth:`from_dict`)."""
 
+    name = "task_distill"
     epochs: float = 2.0
     batch: int = 32
     lr: float = 5e-5
@@ -55,16 +58,14 @@ class TaskTrainConfig:
     #: batches drawn together and grouped by length, so a batch pads little (0: off)
     bucket: int = 50
 
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"task_distill.alpha must be in [0, 1], got {self.alpha}")
-        for name in ("epochs", "lr", "temperature"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"task_distill.{name} must be positive, got {getattr(self, name)}")
-        if self.batch < 1 or self.max_length < 4 or self.bucket < 0:
-            raise ConfigError("task_distill.batch must be >= 1, max_length >= 4 and bucket >= 0")
-        if min(self.cosine, self.attention, self.head_lr, self.weight_decay) < 0:
-            raise ConfigError("task_distill.cosine / attention / head_lr / weight_decay must be >= 0")
+    def validate(self) -> None:
+        check(0.0 <= self.alpha <= 1.0, f"task_distill.alpha must be in [0, 1], got {self.alpha}")
+        for key in ("epochs", "lr", "temperature"):
+            check(getattr(self, key) > 0, f"task_distill.{key} must be positive, got {getattr(self, key)}")
+        check(self.batch >= 1 and self.max_length >= 4 and self.bucket >= 0,
+              "task_distill.batch must be >= 1, max_length >= 4 and bucket >= 0")
+        check(min(self.cosine, self.attention, self.head_lr, self.weight_decay) >= 0,
+              "task_distill.cosine / attention / head_lr / weight_decay must be >= 0")
 
     @property
     def needs_teacher(self) -> bool:
@@ -73,17 +74,6 @@ class TaskTrainConfig:
     @property
     def live_teacher(self) -> bool:
         return self.cosine > 0 or self.attention > 0
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TaskTrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"task_distill: unknown key(s) {', '.join(unknown)} (known: {', '.join(sorted(known))})")
-        return cls(**d)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def bucketed_indices(lengths: list[int], batch: int, step: int, seed: int, group: int) -> torch.Tensor:
