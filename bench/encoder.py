@@ -44,12 +44,13 @@ MODELS = {
     "teacher": ("finetune", None, dict(epochs=1.0), False),
     "student CE": ("distill", "layers:0.5", dict(epochs=1.0, alpha=0.0), False),
     "student KD": ("distill", "layers:0.5", dict(epochs=1.0, alpha=0.7, temperature=2.0), False),
-    "student KD lower": ("distill", "layers:0.5:lower", dict(epochs=1.0, alpha=0.7, temperature=2.0), False),
-    "student KD importance": ("distill", "layers:0.5:importance", dict(epochs=1.0, alpha=0.7, temperature=2.0), False),
-    "student KD + cosine": ("distill", "layers:0.5", dict(epochs=1.0, alpha=0.7, temperature=2.0, cosine=1.0), False),
     "student KD trim": ("distill", "layers:0.5", dict(epochs=1.0, alpha=0.7, temperature=2.0), True),
     # Michel head-mask importance on the 3-layer student, half its heads kept, then KD
     "student KD heads:0.5": ("distill", "layers:0.5+heads:0.5", dict(epochs=1.0, alpha=0.7, temperature=2.0), False),
+    # the ablation: which initialization, and the hidden-state cosine term
+    "student KD lower": ("distill", "layers:0.5:lower", dict(epochs=1.0, alpha=0.7, temperature=2.0), False),
+    "student KD importance": ("distill", "layers:0.5:importance", dict(epochs=1.0, alpha=0.7, temperature=2.0), False),
+    "student KD + cosine": ("distill", "layers:0.5", dict(epochs=1.0, alpha=0.7, temperature=2.0, cosine=1.0), False),
 }
 FORMATS = ("torch", "torch int8 dynamic", "onnx fp32", "onnx int8 dynamic", "onnx int8 static")
 #: PyTorch's own dynamic int8 of the Linear layers (torch.ao, deprecated in 2.13): the seeds'

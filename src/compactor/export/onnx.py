@@ -93,8 +93,15 @@ class OnnxBackend:
         arr = ids.to(torch.int64).numpy()[None]
         return torch.from_numpy(np.asarray(self.session.run(None, {"input_ids": arr})[0][0], dtype=np.float32))
 
-    def speed(self, *args, **kwargs) -> dict:
-        return {}
+    def speed(self, prompt_len: int = 512, gen_tokens: int = 128, repeats: int = 3) -> dict:
+        """Median prefill throughput (tokens/s) of one ``prompt_len`` window. This graph has
+        no KV cache, so there is no decode figure: each new token would re-run the prefix."""
+        from compactor.evaluate.backends import _median_time
+
+        ids = {"input_ids": np.zeros((1, prompt_len), dtype=np.int64)}
+        self.session.run(None, ids)  # warm-up: onnxruntime plans its buffers on the first run
+        return {"prefill_tok_s": prompt_len / _median_time(lambda: self.session.run(None, ids), repeats),
+                "decode_tok_s": None, "prompt_len": prompt_len}
 
 
 def verify_onnx(model, path: Path, windows, int8: bool = False) -> dict:
