@@ -23,6 +23,8 @@ def cmd_distill(args) -> int:
     from compactor.recipe import Recipe, run_recipe
 
     step = {k: getattr(args, k) for k in _DISTILL_KEYS if getattr(args, k) is not None}
+    # The step's own before/after evaluation (and --eval-every) scores what --eval-* name.
+    step.update(eval_data=args.eval_data, eval_tokens=args.eval_tokens)
     model, step["teacher"] = args.teacher, "original"
     if args.teacher_stream:
         # The student is a model of its own (the recipe's model); the teacher stays on disk

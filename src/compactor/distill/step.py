@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from compactor.data.windows import windows_for
+from compactor.data.windows import domain_windows, windows_for
 from compactor.distill.config import DistillConfig
 from compactor.distill.student import Student, build_student, check_vocab, uniform_layer_map
 from compactor.distill.teacher import LiveTeacher, TopKCache, generate_windows, windows_digest
@@ -105,7 +105,9 @@ def run_distill(ctx, cfg: DistillConfig, progress: bool = True, param_groups=Non
         signal.build(teacher, cfg.micro_batch, autocast, progress)
     else:
         signal = LiveTeacher(teacher, autocast)
-    eval_win = windows_for(ctx.loaded.tokenizer, cfg.eval_data, cfg.window, max_tokens=cfg.eval_tokens)
+    # Per domain for several specs ("domains", or a comma list), as every evaluation is.
+    eval_win = domain_windows(ctx.loaded.tokenizer, cfg.eval_data, cfg.window, max_tokens=cfg.eval_tokens)
+    eval_win = next(iter(eval_win.values())) if len(eval_win) == 1 else eval_win
     reference = None
     if streamed:
         # The evaluation's teacher logits: one layer-wise pass, cached on disk.
