@@ -28,6 +28,13 @@ def test_finetune_distill_eval_export(tmp_path, capsys):
     assert "macro-F1" in capsys.readouterr().out
     res = json.loads((tmp_path / "e.json").read_text())
     assert res["runtime"] == "torch" and res["examples"] == 200 and len(res["confusion"]) == 3
+    gate = ["eval", str(tmp_path / "s"), "--eval-data", test, "--no-speed", "--reference", str(tmp_path / "t")]
+    assert main([*gate, "--min-accuracy-retention", "2.0"]) == 3  # the student cannot double the teacher
+    assert "min_accuracy_retention: measured" in capsys.readouterr().err
+    assert main([*gate, "--min-accuracy-retention", "0.3", "--max-size-mb", "100"]) == 0
+    assert "gate passed: min_accuracy_retention" in capsys.readouterr().out
+    assert main([*gate, "--max-kld", "0.1"]) == 2  # a language-model limit, refused by name
+    assert "language-model limit" in capsys.readouterr().err
     assert main(["export", str(tmp_path / "s"), "--format", "onnx", "--int8", "static", "--calib-data", train,
                  "--eval-data", test, "--out", str(tmp_path / "x")]) == 0
     assert "agreement with torch" in capsys.readouterr().out

@@ -126,7 +126,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-_GATE_FLAGS = ("max_kld", "max_ppl_ratio", "min_top1", "max_size_mb", "max_bpw")
+_GATE_FLAGS = ("max_kld", "max_ppl_ratio", "min_top1", "max_size_mb", "max_bpw", "min_accuracy_retention")
 
 
 def cmd_run(args) -> int:
@@ -356,6 +356,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("max-size-mb", "size in MB"), ("max-bpw", "bits per weight")):
         e.add_argument(f"--{flag}", type=float, help=f"gate: fail (exit 3) if the {what} is above this")
     e.add_argument("--min-top1", type=float, help="gate: fail (exit 3) if top-1 agreement is below this")
+    e.add_argument("--min-accuracy-retention", type=float,
+                   help="gate, task models: fail (exit 3) if accuracy / the --reference's accuracy is below this")
     e.set_defaults(fn=cmd_eval)
 
     q = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ, AWQ, mixed precision) on an int, "

@@ -82,12 +82,34 @@ def cmd_task_eval(args) -> int:
     print("confusion (rows gold, columns predicted; " + ", ".join(res["labels"]) + "):")
     for row in res["confusion"]:
         print("  " + " ".join(f"{x:6d}" for x in row))
+    ref = None
+    if args.reference:
+        ref = eval_task(args.reference, data, speed=False)
+        print(f"reference {Path(args.reference).name}: accuracy {ref['accuracy']:.4f}, macro-F1 {ref['macro_f1']:.4f}; "
+              f"retention accuracy {res['accuracy'] / ref['accuracy']:.4f}, macro-F1 "
+              f"{res['macro_f1'] / ref['macro_f1']:.4f}")
+        res["reference"] = {k: ref[k] for k in ("model", "accuracy", "macro_f1")}
     if "latency" in res:
         lat = res["latency"]
         print(f"latency: batch-1 {lat['batch1_ms']:.2f} ms (median of {lat['batch1_examples']}), "
               f"batch-32 {lat['batch32_sent_s']:.0f} sentences/s")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    return _task_gate(args, res, ref)
+
+
+def _task_gate(args, res: dict, ref: dict | None) -> int:
+    from compactor.errors import GateFailed
+    from compactor.recipe.gates import Gate, check_task_gate, describe_failure
+
+    gate = Gate(**{k: getattr(args, k) for k in ("max_kld", "max_ppl_ratio", "min_top1", "max_size_mb",
+                                                 "max_bpw", "min_accuracy_retention")})
+    if gate.empty:
+        return 0
+    checks = check_task_gate(gate, res, ref)
+    if not all(c["passed"] for c in checks):
+        raise GateFailed(describe_failure(Path(args.model).name, checks, "nothing is written by eval"))
+    print("gate passed: " + ", ".join(f"{c['gate']} {c['measured']:.4g} (limit {c['limit']:.4g})" for c in checks))
     return 0
 
 

@@ -72,8 +72,8 @@ def test_gate_checks_and_bad_limits():
         Gate(max_kld=-1)
     with pytest.raises(ConfigError, match="unknown key 'max_klD'"):
         Gate.from_dict({"max_klD": 1})
-    with pytest.raises(ConfigError, match="needs a task metric"):
-        Gate(min_accuracy_retention=0.95)
+    with pytest.raises(ConfigError, match="needs a task model's accuracy"):
+        check_gate(Gate(min_accuracy_retention=0.95), None)  # an LM evaluation has no task metric
 
 
 def test_eval_gate_flags(tiny_dir, text_file, capsys):
