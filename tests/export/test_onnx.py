@@ -55,3 +55,22 @@ def test_4bit_codes_go_into_matmul_nbits_unchanged(tmp_path, tok, grid, kw, expe
     u = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(q.out_features, -1).astype(np.int64) - 8
     assert np.array_equal(u, q.codes.numpy())
     assert np.array_equal(inits[node.input[2]], q.qparams.scale.numpy().reshape(-1))
+
+
+def test_bits_per_weight_count_the_quantized_weights(tmp_path, tok):
+    """The summary's bpw divides by every weight, codes included (a quantized linear holds its
+    weights in buffers, which a parameter count misses)."""
+    from compactor.api import quantize_
+    from compactor.evaluate.size import model_size
+    from compactor.export.api import export_model
+    from compactor.models.adapters import adapter_for
+    from compactor.models.load import LoadedModel
+    from compactor.models.tiny import tiny_model
+    from compactor.quant.rtn import RTNConfig
+
+    m = tiny_model()
+    n = sum(p.numel() for p in m.parameters())
+    quantize_(m, RTNConfig(grid="q4_0"))
+    res = export_model(LoadedModel(m, tok, adapter_for(m), "tiny"), "onnx", tmp_path / "o", verify=False)
+    assert res.summary["params"] == model_size(m)[1] == n  # every weight once, tied ones once
+    assert res.summary["bpw"] == round(res.summary["size_bytes"] * 8 / n, 4)

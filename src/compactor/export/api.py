@@ -113,10 +113,13 @@ def export_model(loaded: LoadedModel, fmt: str, out: str | Path, *, overwrite: b
 
 def _with_bits_per_weight(res: ExportResult, model) -> ExportResult:
     """Every format's summary states its size in bits per weight: file bytes · 8 over the
-    model's parameter count (tied weights once)."""
+    model's logical weight count (tied weights once; a quantized linear counts its weights,
+    which it holds as codes in buffers, not as parameters)."""
+    from compactor.evaluate.size import model_size
+
     s = res.summary
     if "bpw" not in s and s.get("size_bytes"):
-        params = s.get("params") or sum({p.data_ptr(): p.numel() for p in model.parameters()}.values())
+        params = s.get("params") or model_size(model)[1]
         s.update(params=params, bpw=round(s["size_bytes"] * 8 / params, 4))
     return res
 
