@@ -157,7 +157,10 @@ def render(rows: list[dict]) -> None:
     nbits = next((r["export"] for r in rows if r.get("export") and r["name"] == ROWS[2]), {})
     body = ("SmolLM2-135M-Instruct, GPTQ Q4_0 (calib:mix 128 x 512); KLD and top-1 against the float "
             "reference on each evaluation domain, scored in each file's own runtime. "
-            f"MatMulNBits export: {json.dumps({k: v for k, v in nbits.items() if k not in ('file',)})}.\n\n"
+            f"MatMulNBits export: {nbits.get('matmul_nbits', 0)} linears carry their codes, kept float: "
+            f"{json.dumps(nbits.get('kept_float', {}))}. The embedding (tied head) stays float32 in the "
+            "MatMulNBits graph; the GGUF holds it at Q8_0; onnxruntime's dynamic int8 also quantizes it (and "
+            "every other float MatMul) to int8.\n\n"
             f"Speed pass: 1-minute load average before it {loads} (above ~0.5, another job shared the cores).\n\n"
             + "\n".join(lines) + "\n\nRuns:\n" + provenance_lines(rows))
     write_result("onnx_lm", "A compressed LM in onnxruntime (MatMulNBits) next to llama.cpp", body)

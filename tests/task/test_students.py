@@ -97,5 +97,6 @@ def test_head_pruning_by_mask_gradients_saves_loads_and_exports(teacher_dir, tas
     loaded = load_task(str(out))
     assert head_counts(loaded.model, loaded.adapter) == [2]
     assert eval_task(str(out), task_files["test"], speed=False)["accuracy"] > 0.5
-    x = export_task(str(out), tmp_path / "x", None, task_files["train"], task_files["test"], max_length=16)
-    assert x["verify"][0]["passed"] and "Attention" not in x["fused_ops"]
+    x = export_task(str(out), tmp_path / "x", "static", task_files["train"], task_files["test"], max_length=16)
+    assert all(c["passed"] for c in x["verify"]) and "Attention" not in x["fused_ops"]
+    assert x["verify"][1]["agreement"] >= 0.95  # unfused attention: its activation products stay float

@@ -135,6 +135,13 @@ def quantize_int8(src: Path, dest: Path, mode: str, calib: Encoded | None = None
                 # input (the mean pool's division) gets no calibration range from onnxruntime.
                 graph = onnx.load(str(src), load_external_data=False).graph
                 head = [n.name for n in graph.node if "logits" in n.output]
+                # In an unfused graph (a head-pruned model) the attention products are MatMuls
+                # of two activations; the scores carry the additive mask's huge negative values,
+                # whose MinMax range would crush every real score to one code. Only MatMuls
+                # with a weight are quantized statically.
+                weights = {i.name for i in graph.initializer}
+                head += [n.name for n in graph.node
+                         if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
                 quantize_static(str(src), str(dest), Calibration(calib), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                                 calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
