@@ -140,12 +140,15 @@ def quantize_int8(src: Path, dest: Path, mode: str, calib: Encoded | None = None
                 # whose MinMax range would crush every real score to one code. Only MatMuls
                 # with a weight are quantized statically.
                 weights = {i.name for i in graph.initializer}
-                head += [n.name for n in graph.node
-                         if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+                products = [n.name for n in graph.node
+                            if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+                # There the mask's Add and the Softmax would get QDQ pairs too; only weight
+                # MatMuls (and the embedding) are quantized in such a graph.
+                ops = ["MatMul", "Gemm", "Gather", "EmbedLayerNormalization"] if products else None
                 quantize_static(str(src), str(dest), Calibration(calib), quant_format=QuantFormat.QDQ,
                                 per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head,
-                                extra_options=extra)
+                                calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=head + products,
+                                op_types_to_quantize=ops, extra_options=extra)
         finally:
             root.setLevel(level)
     for extra in dest.parent.glob("*.onnx.data"):  # onnxruntime's calibration leftovers
