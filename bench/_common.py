@@ -89,3 +89,11 @@ def prov_ref(records: list[dict], rec: dict) -> str:
         if r.get("prov") and r["prov"] not in seen:
             seen.append(r["prov"])
     return f"[{seen.index(rec['prov']) + 1}]" if rec.get("prov") in seen else ""
+
+
+def stored_rows(path: Path, keep: bool) -> list[dict]:
+    """The rows a benchmark stored earlier when ``keep`` (``--resume`` / ``--table-only``),
+    else none (a fresh run starts its file over)."""
+    import json
+
+    return json.loads(path.read_text()) if keep and path.exists() else []

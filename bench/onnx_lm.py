@@ -25,7 +25,7 @@ import json
 import os
 import time
 
-from _common import RESULTS, prov_ref, provenance, provenance_lines, write_result
+from _common import RESULTS, prov_ref, provenance, provenance_lines, stored_rows, write_result
 
 from compactor.calibration.sequential import calibration_dtype
 from compactor.data.windows import domain_windows, sample_windows, windows_for
@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    rows = json.loads(JSON.read_text()) if JSON.exists() and (args.resume or args.table_only) else []
+    rows = stored_rows(JSON, args.resume or args.table_only)
     if args.table_only:
         return render(rows)
     prov = provenance()

@@ -27,7 +27,7 @@ import os
 import time
 
 import torch
-from _common import RESULTS, prov_ref, provenance, provenance_lines, write_result
+from _common import RESULTS, prov_ref, provenance, provenance_lines, stored_rows, write_result
 
 from compactor.data.labeled import load_labeled
 from compactor.io import home
@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    rows = json.loads(JSON.read_text()) if JSON.exists() and (args.resume or args.table_only) else []
+    rows = stored_rows(JSON, args.resume or args.table_only)
     if args.table_only:
         return render(rows)
     prov = provenance()
