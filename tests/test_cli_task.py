@@ -61,3 +61,14 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
                  "--out", str(tmp_path / "o")]) == 2
     assert "sum to 1" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_fetch_names_the_bundled_encoder(capsys, monkeypatch):
+    import compactor.data.labeled as labeled
+    import compactor.models.bundled as bundled
+
+    monkeypatch.setattr(bundled, "bundled_encoder_dir", lambda alias: f"/cache/{alias}")
+    monkeypatch.setattr(labeled, "tweets_dir", lambda: "/cache/tweets")
+    assert main(["fetch", "minilm-l6"]) == 0
+    out = capsys.readouterr().out
+    assert "minilm-l6: encoder /cache/minilm-l6" in out and "tweets: /cache/tweets" in out

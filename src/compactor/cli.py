@@ -79,6 +79,15 @@ def cmd_fetch(args) -> int:
     from compactor.data.austen import austen_dir
     from compactor.models.load import resolve_source
 
+    from compactor.models.bundled import BUNDLED_ENCODERS, bundled_encoder_dir
+
+    if args.model in BUNDLED_ENCODERS:  # an encoder, and the labeled tweets it is measured on
+        from compactor.data.labeled import tweets_dir
+
+        print(f"{args.model}: encoder {bundled_encoder_dir(args.model)}")
+        if not args.no_data:
+            print(f"tweets: {tweets_dir()}")
+        return 0
     directory, gguf, _ = resolve_source(args.model)
     print(f"{args.model}: GGUF {gguf}\n  float checkpoint {directory}")
     if not args.no_data:
@@ -338,9 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = p.add_subparsers(dest="command", required=True)
 
-    f = sub.add_parser("fetch", help="download, verify and convert a bundled model (+ the Austen text)")
+    f = sub.add_parser("fetch", help="download, verify and convert a bundled model (+ the Austen text; for the "
+                       "encoder minilm-l6, the labeled tweets)")
     f.add_argument("model", nargs="?", default="smollm2-135m")
-    f.add_argument("--no-data", action="store_true", help="skip fetching the Austen corpus")
+    f.add_argument("--no-data", action="store_true", help="skip fetching the Austen corpus (or the tweets)")
     f.set_defaults(fn=cmd_fetch)
 
     e = sub.add_parser("eval", help="perplexity, KLD/top-1 vs a reference, size and speed")
