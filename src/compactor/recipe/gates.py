@@ -59,6 +59,11 @@ def check_gate(gate: Gate, result, reference_decode: float | None = None) -> lis
         "min_decode_speedup": (None if not (reference_decode and result.decode_tok_s)
                                else result.decode_tok_s / reference_decode),
     }
+    return _compare(gate, measured)
+
+
+def _compare(gate: Gate, measured: dict) -> list[dict]:
+    """Each set limit of ``gate`` against its measured value (None: not measured, fails)."""
     out = []
     for k, value in measured.items():
         limit = getattr(gate, k)
@@ -83,13 +88,7 @@ def check_task_gate(gate: Gate, result: dict, reference: dict | None) -> list[di
                 "max_size_mb": result["size_bytes"] / 1e6}
     if gate.min_accuracy_retention is not None and reference is None:
         raise ConfigError("gate.min_accuracy_retention needs a reference (--reference TEACHER)")
-    out = []
-    for k, value in measured.items():
-        limit = getattr(gate, k)
-        if limit is not None:
-            ok = value <= limit if k.startswith("max_") else value >= limit
-            out.append({"gate": k, "measured": value, "limit": limit, "passed": bool(ok)})
-    return out
+    return _compare(gate, measured)
 
 
 def describe_failure(stage: str, checks: list[dict], kept: str) -> str:
