@@ -177,10 +177,7 @@ def export_task(model: str, out: str | Path, int8: str | None, calib: str, eval_
             c = bad[0]
             raise CompactorError(f"{c['file']} failed verification in onnxruntime: agreement {c['agreement']:.4f} "
                                  f"(need {c['min_agreement']}), max logit diff {c['max_logit_diff']:.2e}")
-        save_task(task.model, task.tokenizer, tmp)
-        for f in tmp.glob("*.safetensors"):  # the graph carries the weights; keep the head only as
-            if f.name != "head.safetensors":  # metadata for eval's label names
-                f.unlink()
+        save_task(task.model, task.tokenizer, tmp, weights=False)  # the graph carries the weights
         record = {"kind": "export", "model": model, "int8": int8, "calib": calib if cal else None,
                   **summary, "verify": checks}
         (tmp / RUN_FILE).write_text(json.dumps(record, indent=1, default=str))

@@ -207,14 +207,18 @@ def _read_head(path: Path) -> dict:
     return sd
 
 
-def save_task(model: TaskModel, tokenizer, out: Path, extra: dict | None = None) -> None:
+def save_task(model: TaskModel, tokenizer, out: Path, extra: dict | None = None, weights: bool = True) -> None:
     """Write ``model`` into the (temporary) directory ``out``: encoder + tokenizer as a
-    transformers directory, the head and ``task.json`` beside them."""
+    transformers directory, the head and ``task.json`` beside them. ``weights=False`` writes
+    the encoder's config instead of its weights (an ONNX export, whose graph carries them)."""
     from safetensors.torch import save_file
 
     if not model.labels:
         raise CompactorError("a model without a classification head cannot be saved as a task model")
-    model.encoder.save_pretrained(str(out))
+    if weights:
+        model.encoder.save_pretrained(str(out))
+    else:
+        model.encoder.config.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
     save_file({k: v.detach().contiguous() for k, v in model.head.state_dict().items()}, str(out / HEAD_FILE))
     from compactor.task.heads import head_counts
