@@ -12,7 +12,9 @@ def test_eval_json(tmp_path, tiny_dir, text_file, capsys):
     rc = main(["eval", str(tiny_dir), "--reference", str(tiny_dir), "--eval-data", str(text_file),
                "--eval-tokens", "128", "--eval-window", "64", "--no-speed", "--json", str(out)])
     assert rc == 0
-    res = json.loads(out.read_text())[0]
+    doc = json.loads(out.read_text())
+    assert doc["command"] == "eval" and doc["exit_code"] == 0
+    res = doc["results"][0]
     assert res["kld_mean"] == 0.0 and res["top1"] == 1.0
     assert "KLD mean" in capsys.readouterr().out
 

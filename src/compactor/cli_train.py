@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from compactor.cli_output import stage_result
+
 _DISTILL_KEYS = ("student", "ce", "kl", "reverse_kl", "gjsd", "beta", "tv", "hidden_mse", "hidden_cos",
                  "attention", "temperature", "signal", "top_k", "sequence_kd", "on_policy", "prompt_len",
                  "data", "tokens", "window", "batch", "micro_batch", "lr", "precision",
@@ -50,6 +52,7 @@ def cmd_distill(args) -> int:
     if ctx.results:
         print(table(ctx.results))
     print(f"\nwrote {ctx.out_dir} (model, recipe.yaml, metrics.json, provenance.json, training log in provenance)")
+    stage_result(args, ctx)
     return 0
 
 
@@ -97,6 +100,7 @@ def cmd_qat(args) -> int:
     if ctx.results:
         print(table(ctx.results))
     print(f"\nwrote {ctx.out_dir} (codes in quantization-*.safetensors, recipe.yaml, metrics.json, provenance.json)")
+    stage_result(args, ctx)
     return 0
 
 
