@@ -59,6 +59,26 @@ def test_run_over_the_cap_writes_nothing_and_exits_2(tiny_dir, text_file, tmp_pa
     assert not out.exists()
 
 
+def test_streamed_run_spills_activations_that_would_not_fit(tiny_dir, capsys):
+    from compactor.recipe.runner import memory_plan
+
+    data = {"model": str(tiny_dir), "stream": True,
+            "calibration": {"data": "austen:calib", "samples": 4096, "window": 512},
+            "stages": [{"name": "q", "steps": [{"gptq": {"grid": "q4_0"}}]}]}
+    _, in_memory = memory_plan(Recipe.from_dict(data), show=False)
+    _, spilled = memory_plan(Recipe.from_dict({**data, "spill_activations": True}), show=False)
+    acts = dict(in_memory.items)["calibration activations"]
+    assert acts > 500e6 and spilled.total < in_memory.total - acts / 2
+    # A cap between the two: the run spills (and says so) instead of refusing.
+    cap = int(spilled.total + acts / 2)
+    recipe, plan = memory_plan(Recipe.from_dict({**data, "max_memory": cap}), show=False)
+    assert recipe.spill_activations and plan.fits
+    assert "they spill to disk" in capsys.readouterr().err
+    # Not streamed: the weights, not the activations, are the problem; it refuses as before.
+    with pytest.raises(CompactorError, match="over the cap"):
+        memory_plan(Recipe.from_dict({**data, "stream": False, "max_memory": cap}), show=False)
+
+
 def test_streamed_recipe_refuses_whole_model_steps(tiny_dir):
     from compactor.errors import ConfigError
 

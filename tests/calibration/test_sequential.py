@@ -3,6 +3,7 @@ import copy
 import pytest
 import torch
 
+from compactor.calibration.activations import Activations
 from compactor.calibration.sequential import run_sequential
 from compactor.data.windows import make_windows
 from compactor.errors import CompactorError
@@ -147,9 +148,23 @@ def test_block_replay_changes_nothing(windows, family):
 def test_spilled_activations_give_the_same_codes(windows, tmp_path):
     cfg = GPTQConfig(grid="q4_0")
     m1, m2 = tiny_model("llama", hidden_size=64), tiny_model("llama", hidden_size=64)
-    run_sequential(m1, windows, apply_gptq, cfg, batch=3, progress=False, replay=False)
-    run_sequential(m2, windows, apply_gptq, cfg, batch=3, progress=False, spill_dir=tmp_path / "spill")
+    run_sequential(m1, windows, apply_gptq, cfg, batch=3, progress=False)
+    seen = []
+    real = Activations.append
+
+    def append(self, hidden, kwargs):  # where each batch went: a file, or memory
+        real(self, hidden, kwargs)
+        seen.append((self.spill_dir, self.nbytes_in_memory()))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Activations, "append", append)
+        run_sequential(m2, windows, apply_gptq, cfg, batch=3, progress=False, spill_dir=tmp_path / "spill")
     assert len(list((tmp_path / "spill").glob("batch*.bin"))) == 3  # one file per batch
+    # The replayed consumers' inputs were cached too (replay stays on), in files, not memory;
+    # their files are deleted after each layer.
+    assert {d.name for d, _ in seen if d != tmp_path / "spill"} == {"replay-self_attn.o_proj", "replay-mlp.down_proj"}
+    assert all(b == 0 for _, b in seen)
+    assert not list((tmp_path / "spill").glob("replay-*/*.bin"))
     for (n, q1), (_, q2) in zip(m1.named_modules(), m2.named_modules()):
         if isinstance(q1, QuantizedLinear):
             assert torch.equal(q1.codes, q2.codes), n

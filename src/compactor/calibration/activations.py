@@ -1,9 +1,10 @@
 """The calibration activations between two decoder layers, in memory or spilled to disk.
 
 The sequential runner keeps one hidden-state tensor per calibration batch (plus the layer's
-keyword arguments: position embeddings, masks — small and shared). With ``spill_dir`` each
-hidden-state batch lives in a raw file instead and is read back when the runner iterates,
-so memory holds one batch at a time. Files are read and written with plain I/O, not memory
+keyword arguments: position embeddings, masks — small and shared), and per layer the cached
+inputs of the replayed consumers (o_proj, down_proj: the down projection's input is the
+widest tensor of a layer). With ``spill_dir`` each batch lives in a raw file instead and is
+read back when the runner iterates, so memory holds one batch at a time. Files are read and written with plain I/O, not memory
 maps: a mapping keeps every page it touched resident and counted in RSS.
 """
 
@@ -66,6 +67,18 @@ class Activations:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, dict]]:
         for i in range(len(self._items)):
             yield self[i]
+
+    def tensors(self) -> Iterator[torch.Tensor]:
+        """The hidden-state tensors alone, in order (a replayed consumer's cached inputs)."""
+        for h, _ in self:
+            yield h
+
+    def clear(self) -> None:
+        """Forget every batch and delete its file."""
+        for stored, _ in self._items:
+            if not isinstance(stored, torch.Tensor):
+                stored[0].unlink(missing_ok=True)
+        self._items = []
 
     def nbytes_in_memory(self) -> int:
         return sum(s.numel() * s.element_size() for s, _ in self._items if isinstance(s, torch.Tensor))

@@ -20,15 +20,16 @@ accumulated in float32 and the methods always quantize the float32 weights.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-import contextlib
 
 from compactor.calibration.activations import Activations
 from compactor.calibration.hooks import StopForward, input_hooks, replay_block
@@ -68,13 +69,14 @@ class CalibrationReport:
             self.phase_seconds[phase] = self.phase_seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
-def _capture_layer0(model, layers, windows: TokenWindows, batch: int):
-    """Inputs (hidden states) and keyword arguments of decoder layer 0, per batch (the
-    embedding must be materialized; no decoder layer runs)."""
-    captured = []
+def _capture_layer0(model, layers, windows: TokenWindows, batch: int, dtype: torch.dtype, into: Activations):
+    """Inputs (hidden states) and keyword arguments of decoder layer 0, per batch, cast to
+    the calibration ``dtype`` as each batch arrives (at 8B width 128 windows of float32
+    hidden states are 1 GB before a bf16 cast) and appended to ``into``. The embedding must
+    be materialized; no decoder layer runs."""
 
     def grab(_m, args, kwargs):
-        captured.append((args[0].detach(), {k: v for k, v in kwargs.items()}))
+        into.append(_cast(args[0].detach(), dtype), {k: _cast(v, dtype) for k, v in kwargs.items()})
         raise StopForward
 
     h = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
@@ -87,7 +89,6 @@ def _capture_layer0(model, layers, windows: TokenWindows, batch: int):
                     pass
     finally:
         h.remove()
-    return captured
 
 
 def bf16_is_fast() -> bool:
@@ -130,8 +131,7 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     streamed model holds one layer at a time. ``sink(index, layer)``: called with each
     finished layer before it is handed back (a streamed run writes it out there).
     ``spill_dir``: keep the activations between layers in files there instead of memory
-    (one batch in memory at a time); replaying cached consumer inputs is then off, since
-    that cache would live in memory. ``start_layer``: layers before it are already done
+    (one batch in memory at a time), and so do the replayed consumers' cached inputs. ``start_layer``: layers before it are already done
     (a resumed run): they only propagate the activations, as they would have."""
     if len(windows) == 0:
         raise CompactorError("calibration data is empty: no token windows to observe")
@@ -149,13 +149,9 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
         windows = windows.select(shard_batches(len(windows), batch, rank, world))
     reset_peak_rss()
     t0 = time.perf_counter()
-    with store.parts(model, [adapter.embed], adapter):
-        captured = _capture_layer0(model, layers, windows, batch)
     inputs = Activations(spill_dir)
-    for h, kw in captured:
-        inputs.append(_cast(h, dtype), {k: _cast(v, dtype) for k, v in kw.items()})
-    del captured
-    replay = replay and spill_dir is None
+    with store.parts(model, [adapter.embed], adapter):
+        _capture_layer0(model, layers, windows, batch, dtype, inputs)
     smoothing = getattr(cfg, "smoothing", False)
     # Smoothing methods (AWQ, SmoothQuant) visit producer -> consumers pairs; the others
     # visit groups of linears that share an input.
@@ -198,13 +194,13 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
             first_pending = min(adapter.linears.index(n) for n in pending)
             # A consumer's input can be cached in this pass if nothing upstream of it changes
             # afterwards (smoothing methods rescale producers, so they never cache).
-            capture = {f: [] for f, _ in todo if replay and producer is None and f in replayable
-                       and f not in cache and adapter.linears.index(f) <= first_pending}
+            capture = {f: _spool(spill_dir, f) for f, _ in todo if replay and producer is None
+                       and f in replayable and f not in cache and adapter.linears.index(f) <= first_pending}
 
             def observe(n, x):
                 stats[n].add(x)
                 if n in capture:
-                    capture[n].append(x)
+                    capture[n].append(x, {})
 
             with report.timed("observe"), torch.no_grad(), input_hooks(
                     {f: runner.get_submodule(f) for f, _ in todo}, observe, stop_after=last), \
@@ -272,6 +268,8 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
         # Propagate the compressed layer's outputs to the next layer.
         with report.timed("propagate"):
             _propagate(runner, inputs, cache if follow is None else {}, replayable, on_layer, li)
+        for spool in cache.values():
+            spool.clear()
         del runner, cache
         if sink is not None:
             with report.timed("write"):
@@ -297,11 +295,17 @@ def _propagate(runner, inputs: Activations, cache: dict, replayable: dict, on_la
                 inputs[i] = out
 
 
-def _replayed(layer, cache: dict[str, list], replayable: dict[str, bool]) -> contextlib.ExitStack:
+def _spool(spill_dir, consumer: str) -> Activations:
+    """Where a replayed consumer's inputs are cached: memory, or files beside the spilled
+    activations."""
+    return Activations(None if spill_dir is None else Path(spill_dir) / f"replay-{consumer}")
+
+
+def _replayed(layer, cache: dict[str, Activations], replayable: dict[str, bool]) -> contextlib.ExitStack:
     """Replay every cached block (see :func:`replay_block`)."""
     stack = contextlib.ExitStack()
     for consumer, inputs in cache.items():
-        stack.enter_context(replay_block(layer, consumer, inputs, replayable[consumer]))
+        stack.enter_context(replay_block(layer, consumer, inputs.tensors(), replayable[consumer]))
     return stack
 
 

@@ -37,6 +37,7 @@ class StreamedBackend:
         """``input_ids [N, L]`` -> ``(window, first row, float32 logits [<= rows, V])`` in
         order: every layer runs over all windows first, then the head ``rows`` positions at
         a time."""
+        from compactor.calibration.activations import Activations
         from compactor.calibration.sequential import _capture_layer0, _out
         from compactor.data.windows import TokenWindows
 
@@ -44,8 +45,11 @@ class StreamedBackend:
         model, store = lm.model, lm.store
         layers = decoder_layers(model, a)
         win = TokenWindows(input_ids, torch.ones_like(input_ids, dtype=torch.bool))
+        captured = Activations()
         with store.parts(model, [a.embed], a):
-            states = _capture_layer0(model, layers, win, self.batch)
+            _capture_layer0(model, layers, win, self.batch, torch.float32, captured)
+        states = list(captured)
+        del captured
         for i in range(len(layers)):
             layer = store.layer(model, i, a)
             states = [(_out(layer(h, **kw)), kw) for h, kw in states]

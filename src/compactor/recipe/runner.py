@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compactor.memory import fmt_bytes
+
 from compactor.data.windows import TokenWindows, domain_windows, windows_for
 from compactor.evaluate.harness import EvalResult, evaluate
 from compactor.io import atomic_dir
@@ -138,21 +140,36 @@ def _check_streamable(recipe: Recipe) -> None:
                     f"sparsegpt, magnitude with layer scope, evaluate, export)")
 
 
-def memory_plan(recipe: Recipe, show: bool = True):
+def memory_plan(recipe: Recipe, show: bool = True) -> tuple[Recipe, object]:
     """Print the run's memory plan and stop (exit 2, nothing written) when it is over the
-    cap — before any weight is loaded: the plan reads only the model's config."""
-    from compactor.models.load import resolve_source
+    cap — before any weight is loaded: the plan reads only the model's config.
+
+    A streamed run whose calibration activations would not fit under the cap spills them
+    to disk instead (as ``--spill-activations`` asks), and says so; the recipe returned is
+    the one to run."""
+    import dataclasses
+
     from compactor.models.adapters import adapter_for
+    from compactor.models.load import resolve_source
     from compactor.models.stream import load_skeleton
     from compactor.plan import check_plan, plan_for_recipe
 
     directory, _, adapter = resolve_source(recipe.model)
     skeleton = load_skeleton(directory)
-    plan = plan_for_recipe(recipe, skeleton, adapter or adapter_for(skeleton))
+    adapter = adapter or adapter_for(skeleton)
+    plan = plan_for_recipe(recipe, skeleton, adapter)
+    if not plan.fits and recipe.stream and not recipe.spill_activations:
+        spilled = dataclasses.replace(recipe, spill_activations=True)
+        alt = plan_for_recipe(spilled, skeleton, adapter)
+        if alt.fits:
+            print(f"note: in memory the calibration activations would take the plan to "
+                  f"{fmt_bytes(plan.total)}, over the cap of {fmt_bytes(plan.cap)}: they spill to disk "
+                  "(as --spill-activations asks)", file=sys.stderr)
+            recipe, plan = spilled, alt
     if show:
         print(plan.describe(), file=sys.stderr)
     check_plan(plan)
-    return plan
+    return recipe, plan
 
 
 def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = False,
@@ -162,7 +179,7 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
     Long steps (distillation) checkpoint into ``<out>.work/``, which outlives a crash and is
     removed once the output is in place; ``resume`` continues them from there."""
     _check_streamable(recipe)
-    plan = memory_plan(recipe, progress)
+    recipe, plan = memory_plan(recipe, progress)
     loaded = load_model(recipe.model, stream=recipe.stream)
     started = time.time()
     if out is None:
@@ -363,6 +380,7 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
     (on the recipe's calibration windows), data-free ones to :func:`compactor.api.quantize_`."""
     from compactor.api import quantize_
     from compactor.calibration.sequential import calibration_dtype, run_sequential
+    from compactor.distributed import dist_info
     from compactor.targeting import match_modules
 
     model = ctx.loaded.model
@@ -372,7 +390,9 @@ def apply_module_step(ctx: RunContext, cfg, progress: bool = True) -> None:
     elif getattr(cfg, "needs_calibration", False):
         chosen = set(match_modules(model, cfg.targets, cfg.ignore))
         out = StepOutput.open(ctx, type(cfg).name, cfg)
-        spill = ctx.work_dir / "activations" if ctx.recipe.spill_activations else None
+        # One directory per process: under torchrun every rank spills its own windows.
+        spill = (ctx.work_dir / f"activations-rank{dist_info()[0]}" if ctx.recipe.spill_activations
+                 else None)
         rep = run_sequential(model, ctx.calib_windows(), entry.handler, cfg,
                              adapter=ctx.loaded.adapter, spill_dir=spill,
                              true_sequential=getattr(cfg, "true_sequential", True),
