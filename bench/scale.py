@@ -139,17 +139,20 @@ def record(records: list[dict], key: str, **fields) -> None:
 
 def part_smol(records, args) -> None:
     common = ["--method", "gptq", "--grid", "q4_0", "--samples", "128", "--no-eval", "--force"]
+    flags = {"memory": [], "streamed": ["--stream"], "spilled": ["--stream", "--spill-activations"]}
     for rep in range(args.repeats):
-        for mode in ("memory", "streamed"):
+        for mode, extra in flags.items():
             key = f"smol {mode} {rep}"
             if args.resume and any(r["key"] == key for r in records):
                 continue
             out = WORK / f"smol-{mode}"
-            r = timed(compactor("quantize", "smollm2-135m", *common, "--out", str(out),
-                                *(["--stream"] if mode == "streamed" else [])))
-            record(records, key, part="smol", mode=mode, repeat=rep, **r)
+            r = timed(compactor("quantize", "smollm2-135m", *common, "--out", str(out), *extra))
+            record(records, key, part="smol", mode=mode, repeat=rep, command_flags=extra, **r)
     record(records, "smol identity", part="smol", mode="identity",
            **same_outputs(WORK / "smol-memory", WORK / "smol-streamed"))
+    if (WORK / "smol-spilled").exists():
+        record(records, "smol identity spilled", part="smol", mode="identity",
+               **same_outputs(WORK / "smol-memory", WORK / "smol-spilled"))
 
 
 def part_synthetic(records, args) -> None:
@@ -320,19 +323,30 @@ def _write(records: list[dict]) -> None:
     by = {r["key"]: r for r in records}
     out = []
     smol = {m: [r for r in records if r.get("part") == "smol" and r.get("mode") == m]
-            for m in ("memory", "streamed")}
-    if smol["memory"] and smol["streamed"]:
+            for m in ("memory", "streamed", "spilled")}
+    smol = {m: v for m, v in smol.items() if v}
+    if "memory" in smol and len(smol) > 1:
         med = {m: (statistics.median(r["seconds"] for r in v), statistics.median(r["peak_rss_bytes"] for r in v))
                for m, v in smol.items()}
-        ident = by.get("smol identity", {})
+        lines = []
+        for m in smol:
+            if m == "memory":
+                continue
+            ident = by.get("smol identity" + (" spilled" if m == "spilled" else ""), {})
+            lines.append(f"{m} / in memory: wall {med[m][0] / med['memory'][0]:.2f}x, peak RSS "
+                         f"{med[m][1] / med['memory'][1]:.2f}x. Outputs: {ident.get('files_compared', '?')} files "
+                         f"compared, differing: {ident.get('files_differing', '?') or 'none'}.")
         out.append("## SmolLM2-135M, GPTQ Q4_0, 128 x 512 calibration tokens (calib:mix)\n\n"
-                   "| run | repeats | wall s (median) | peak RSS GB (median) | planned peak | runs |\n|---|---|---|---|---|---|\n"
+                   "'spilled': streamed with `--spill-activations` (the activations between layers and the "
+                   "replayed consumers' inputs in files, one batch in memory).\n\n"
+                   "| run | repeats | wall s (median) | peak RSS GB (median) | planned peak | load before | runs |\n"
+                   "|---|---|---|---|---|---|---|\n"
                    + "\n".join(f"| {m} | {len(v)} | {med[m][0]:.0f} ({', '.join(str(r['seconds']) for r in v)}) | "
-                               f"{_gb(med[m][1])} | {v[0]['planned_peak']} | {' '.join(sorted({prov_ref(records, r) for r in v}))} |"
+                               f"{_gb(med[m][1])} | {v[0]['planned_peak']} | "
+                               f"{', '.join(str(r.get('load_before', '')) for r in v)} | "
+                               f"{' '.join(sorted({prov_ref(records, r) for r in v}))} |"
                                for m, v in smol.items())
-                   + f"\n\nstreamed / in memory: wall {med['streamed'][0] / med['memory'][0]:.2f}x, peak RSS "
-                   f"{med['streamed'][1] / med['memory'][1]:.2f}x. Outputs: {ident.get('files_compared', '?')} files "
-                   f"compared, differing: {ident.get('files_differing', '?') or 'none'}.\n")
+                   + "\n\n" + "\n".join(lines) + "\n")
     syn = [r for r in records if r.get("part") == "synthetic"]
     if syn:
         rows = []
@@ -416,9 +430,12 @@ def main() -> None:
     ap.add_argument("--teacher-tokens", type=int, default=1024, help="teacher part: training tokens")
     ap.add_argument("--baseline-src", default=None, help="vocab part: also run another checkout's code")
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--redo", nargs="*", default=[], metavar="PART",
+                    help="with --resume: drop these parts' stored rows and measure them again (side by side)")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     records = json.loads(JSON.read_text()) if JSON.exists() and (args.resume or args.table_only) else []
+    records = [r for r in records if r.get("part") not in args.redo]
     if args.table_only:
         return _write(records)
     provenance()
