@@ -314,7 +314,7 @@ def cmd_search(args) -> int:
     from compactor.evaluate.backends import CachedBackend, TorchBackend
     from compactor.models.load import load_model
     from compactor.recipe import Recipe, run_recipe
-    from compactor.search import GRIDS, Target, front_table, search, to_json
+    from compactor.search import GRIDS, Pruning, Target, front_table, search, to_json
 
     target = Target(args.max_size, args.max_bpw, args.max_kld, args.max_ppl_ratio)
     loaded = load_model(args.model)
@@ -327,8 +327,13 @@ def cmd_search(args) -> int:
     with tempfile.TemporaryDirectory(prefix="compactor-search-") as cache:
         # The reference's logits once, on disk; every candidate is scored against them.
         ref = CachedBackend(TorchBackend(loaded.model, "reference"), half=True, directory=cache)
+        # Cuts heal on the calibration text, in its window length.
+        pruning = (Pruning(max_drop=args.max_drop, heal_tokens=args.heal_tokens, heal_window=args.calib_window)
+                   if args.allow_pruning else None)
         result = search(loaded, target, calib, win, ref, grids=grids, methods=tuple(args.methods.split(",")),
-                        mixed=not args.no_mixed, progress=not args.quiet)
+                        mixed=not args.no_mixed, progress=not args.quiet, pruning=pruning,
+                        model_spec=args.model, calib_spec=args.calib_data, eval_spec=args.eval_data,
+                        work_dir=Path(cache) / "candidates")
     table = front_table(result)
     chosen = result["chosen"]
     print(table)
@@ -337,7 +342,7 @@ def cmd_search(args) -> int:
     data = {"model": args.model,
             "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.eval_window, "speed": False},
             "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
-            "stages": [{"name": chosen.label, "steps": [chosen.step]}]}
+            "stages": [{"name": chosen.label, "steps": chosen.steps}]}
     ctx = run_recipe(Recipe.from_dict(data, where="compactor search"), out=args.out, overwrite=args.force)
     (Path(ctx.out_dir) / "search.json").write_text(to_json(result))
     (Path(ctx.out_dir) / "search.md").write_text("# compactor search\n\n" + table + "\n")
@@ -492,6 +497,11 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--grids", default=None, help="GGUF grids to try, comma-separated (default q2_k..q8_0)")
     se.add_argument("--methods", default="rtn,gptq", help="methods per grid, cheapest first (default rtn,gptq)")
     se.add_argument("--no-mixed", action="store_true", help="leave the mixed-precision planner out of a budget search")
+    se.add_argument("--allow-pruning", action="store_true",
+                    help="also try depth cuts (least-influence layers dropped, healed by distillation, then GPTQ)")
+    se.add_argument("--max-drop", type=float, default=0.25, help="with --allow-pruning: at most this share of the layers")
+    se.add_argument("--heal-tokens", type=int, default=65536,
+                    help="with --allow-pruning: distillation tokens that heal each cut (on the calibration text)")
     se.add_argument("--calib-data", default="calib:mix", help="calibration text (default calib:mix)")
     se.add_argument("--samples", type=int, default=128, help="calibration windows (default 128)")
     se.add_argument("--calib-window", type=int, default=512, help="calibration window length (default 512)")

@@ -9,6 +9,14 @@ the smallest up and the search stops at the first that meets it with the best me
 (every smaller grid already failed with that method: the answer is proven within the space).
 The chosen candidate is written as a recipe (and, with ``out``, run by the recipe runner,
 so ``compactor run DIR/recipe.yaml`` reproduces it).
+
+With ``allow_pruning`` the space also holds depth cuts: the layers of least block influence
+dropped, the cut model healed by a short distillation from the original (KL + CE on the
+calibration text, never the evaluation text), then GPTQ on a grid. Only cuts that can
+matter are built: under a budget, a grid that does not fit whole with the fewest layers
+dropped that make it fit (up to ``max_drop`` of them); under a floor, once the smallest
+passing grid is known, each larger grid cut to below that grid's size. Every candidate is
+applied by the recipe runner's own step dispatch (:func:`compactor.recipe.runner.apply_step`).
 """
 
 from __future__ import annotations
@@ -59,7 +67,7 @@ class Candidate:
     """One point of the space: a step (as recipe data) and what it measured."""
 
     label: str
-    step: dict
+    steps: list[dict]  # recipe steps, applied in order
     size_bytes: float
     kld: float | None = None
     ppl_ratio: float | None = None
@@ -92,6 +100,22 @@ def grid_bytes(model, grid: str, embed_type: str = "q8_0") -> float:
     return total
 
 
+def layer_bytes(model, grid: str) -> float:
+    """Deployed bytes of one decoder layer on ``grid`` (its linears; norms in float32)."""
+    import torch
+
+    from compactor.models.adapters import adapter_for, decoder_layers
+    from compactor.primitives.ggml import GGML_TYPES
+
+    layer = decoder_layers(model, adapter_for(model))[0]
+    lin = {id(m.weight) for m in layer.modules() if isinstance(m, torch.nn.Linear)}
+    return sum(p.numel() * (GGML_TYPES[grid].bpw / 8 if id(p) in lin else 4) for p in layer.parameters())
+
+
+def _uses(c: Candidate, name: str) -> bool:
+    return any(name in st for st in c.steps)
+
+
 def pareto(cands: list[Candidate]) -> list[Candidate]:
     """The measured candidates no other beats on both size and KLD, smallest first."""
     done = sorted((c for c in cands if c.kld is not None), key=lambda c: (c.size_bytes, c.kld))
@@ -103,17 +127,58 @@ def pareto(cands: list[Candidate]) -> list[Candidate]:
     return front
 
 
+@dataclass(frozen=True)
+class Pruning:
+    """Depth cuts in the search: at most ``max_drop`` of the layers, each cut healed by
+    ``heal_tokens`` of distillation on ``heal_data`` (the calibration text by default)."""
+
+    max_drop: float = 0.25
+    heal_tokens: int = 65536
+    heal_data: str | None = None
+    heal_window: int = 256
+
+
+def _cut(model, grid: str, n_drop: int, pruning: Pruning, heal_data: str, eval_spec: str) -> Candidate:
+    steps = [{"drop_layers": {"count": n_drop, "metric": "block_influence"}},
+             {"distill": {"teacher": "original", "student": "current", "ce": 0.5, "kl": 0.5,
+                          "data": heal_data, "tokens": pruning.heal_tokens, "window": pruning.heal_window,
+                          "batch": 8, "micro_batch": 4, "lr": 3.0e-4, "eval_data": eval_spec,
+                          "eval_tokens": pruning.heal_window}},
+             {"gptq": {"grid": grid}}]
+    return Candidate(f"drop {n_drop} + heal + gptq {grid}", steps,
+                     grid_bytes(model, grid) - n_drop * layer_bytes(model, grid))
+
+
+def _cuts_to_fit(model, grid: str, limit: float, pruning: Pruning, n_layers: int, **kw) -> Candidate | None:
+    """The cut with the fewest layers dropped that brings ``grid`` to ``limit`` bytes or less."""
+    over = grid_bytes(model, grid) - limit
+    if over <= 0:
+        return None
+    n = int(-(-over // layer_bytes(model, grid)))
+    return _cut(model, grid, n, pruning, **kw) if n <= int(pruning.max_drop * n_layers) else None
+
+
 def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS,
-           methods=("rtn", "gptq"), mixed: bool = True, progress: bool = True) -> dict:
+           methods=("rtn", "gptq"), mixed: bool = True, progress: bool = True,
+           pruning: Pruning | None = None, model_spec: str | None = None,
+           calib_spec: str | None = None, eval_spec: str = "domains", work_dir=None) -> dict:
     """Run the search (see the module docstring) on ``loaded`` (a LoadedModel in memory).
-    ``reference``: a cached backend of the original. Returns {"candidates", "front", "chosen"}."""
+    ``reference``: a cached backend of the original. ``pruning``: also try depth cuts (needs
+    ``model_spec``, the original's name for the recipe, and ``calib_spec`` or
+    ``pruning.heal_data``, the healing text). Returns {"candidates", "front", "chosen"}."""
+    import tempfile
     import time
 
     from compactor.evaluate import evaluate
+    from compactor.models.adapters import decoder_layers
 
     model = loaded.model
     params = sum({id(p): p.numel() for p in model.parameters()}.values())
-    pool = [Candidate(f"{m} {g}", {m: {"grid": g}}, grid_bytes(model, g)) for g in grids for m in methods]
+    n_layers = len(decoder_layers(model, loaded.adapter))
+    if pruning is not None and (pruning.heal_data or calib_spec) is None:
+        raise CompactorError("search: depth cuts are healed on text: give the calibration spec or heal_data")
+    cut_kw = {} if pruning is None else {"heal_data": pruning.heal_data or calib_spec, "eval_spec": eval_spec}
+    pool = [Candidate(f"{m} {g}", [{m: {"grid": g}}], grid_bytes(model, g)) for g in grids for m in methods]
     if mixed and target.is_budget:
         top = min(x for x in (target.max_bpw, target.max_size_mb and target.max_size_mb * 8e6 / params) if x)
         from compactor.primitives.ggml import GGML_TYPES
@@ -124,60 +189,89 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS,
         for bpw in (round(top - 0.05, 2), round(top - 0.3, 2)):  # the budget, and a margin under it
             if bpw <= floor:
                 continue
-            pool.append(Candidate(f"mixed {bpw} bpw + gptq", {"mixed_precision": {"target_bpw": bpw, "then": "gptq"}},
-                                  bpw * params / 8))
+            pool.append(Candidate(f"mixed {bpw} bpw + gptq",
+                                  [{"mixed_precision": {"target_bpw": bpw, "then": "gptq"}}], bpw * params / 8))
+    if pruning is not None and target.is_budget:
+        limit = min(x for x in (target.max_size_mb and target.max_size_mb * 1e6,
+                                target.max_bpw and target.max_bpw * params / 8) if x)
+        pool += [c for g in grids if (c := _cuts_to_fit(model, g, limit, pruning, n_layers, **cut_kw))]
     fitting = [c for c in pool if not target.is_budget or target.fits(c.size_bytes, params)]
     if not fitting:
         small = min(pool, key=lambda c: c.size_bytes)
         raise CompactorError(f"search: no candidate fits the budget (the smallest, {small.label}, "
                              f"is {small.size_bytes / 1e6:.2f} MB, {small.size_bytes * 8 / params:.2f} bpw)")
 
+    scratch = tempfile.TemporaryDirectory(prefix="compactor-search-") if work_dir is None else None
+    work = Path(work_dir) if work_dir is not None else Path(scratch.name)
+
     def measure(c: Candidate) -> None:
         t0 = time.perf_counter()
-        m = copy.deepcopy(model)
-        _apply(m, c.step, calib, loaded.adapter)
-        r = evaluate(m, eval_windows, reference=reference, speed=False, name=c.label, progress=progress)
+        cand = copy.copy(loaded)
+        cand.model = copy.deepcopy(model)
+        _apply(cand, c.steps, loaded, calib, eval_windows, model_spec, work / f"c{len(work_done)}", progress)
+        work_done.append(c)
+        r = evaluate(cand.model, eval_windows, reference=reference, speed=False, name=c.label, progress=progress)
         c.kld, c.ppl_ratio = r.kld_mean, r.ppl / r.ref_ppl
         c.fields = {"ppl": r.ppl, "top1": r.top1, "kld_p99": r.kld_p99, "torch_size_bytes": r.size_bytes}
         c.seconds = time.perf_counter() - t0
-        del m
+        del cand
 
-    chosen = None
-    if target.is_budget:
-        # Every fitting candidate, cheap methods first; the lowest KLD wins.
-        for c in sorted(fitting, key=lambda c: (c.step.get("rtn") is None, -c.size_bytes)):
-            measure(c)
-        chosen = min((c for c in fitting if c.kld is not None), key=lambda c: c.kld)
-    else:
-        best = methods[-1]  # the strongest method of the list decides whether a grid passes
-        for c in sorted((c for c in fitting if best in c.step), key=lambda c: c.size_bytes):
-            measure(c)
-            if target.meets(c.kld, c.ppl_ratio):
-                chosen = c
-                break
-        if chosen is None:
-            raise CompactorError("search: no candidate meets the quality floor (the largest grid, "
-                                 f"{grids[-1]}, measured KLD {c.kld:.4f}, PPL ratio {c.ppl_ratio:.3f})")
+    work_done: list[Candidate] = []
+    try:
+        chosen = _choose(target, pool, fitting, methods, grids, measure, model, pruning, n_layers, cut_kw)
+    finally:
+        if scratch is not None:
+            scratch.cleanup()
     return {"candidates": pool, "front": pareto(pool), "chosen": chosen, "params": params}
 
 
-def _apply(model, step: dict, calib, adapter) -> None:
-    """Apply one step given as recipe data to ``model`` in place (the recipe's configs)."""
-    from compactor.api import quantize_
-    from compactor.calibration.sequential import run_sequential
-    from compactor.quant.mixed import plan_mixed_precision
-    from compactor.quant.plan import apply_planned
-    from compactor.registry import lookup
+def _choose(target, pool, fitting, methods, grids, measure, model, pruning, n_layers, cut_kw) -> Candidate:
 
-    (name, kw), = step.items()
-    entry = lookup(name)
-    cfg = entry.config_cls.from_dict(kw)
-    if name == "mixed_precision":
-        apply_planned(model, calib, cfg, plan_mixed_precision, adapter=adapter, progress=False)
-    elif getattr(cfg, "needs_calibration", False):
-        run_sequential(model, calib, entry.handler, cfg, adapter=adapter, progress=False)
-    else:
-        quantize_(model, cfg)
+    chosen = None
+    if target.is_budget:
+        # Every fitting candidate, cheap methods first (RTN, then single-pass methods, then
+        # depth cuts, which train); the lowest KLD wins.
+        for c in sorted(fitting, key=lambda c: (_uses(c, "distill"), not _uses(c, "rtn"), -c.size_bytes)):
+            measure(c)
+        return min((c for c in fitting if c.kld is not None), key=lambda c: c.kld)
+    best = methods[-1]  # the strongest method of the list decides whether a grid passes
+    for c in sorted((c for c in fitting if _uses(c, best)), key=lambda c: c.size_bytes):
+        measure(c)
+        if target.meets(c.kld, c.ppl_ratio):
+            chosen = c
+            break
+    if chosen is None:
+        raise CompactorError("search: no candidate meets the quality floor (the largest grid, "
+                             f"{grids[-1]}, measured KLD {c.kld:.4f}, PPL ratio {c.ppl_ratio:.3f})")
+    if pruning is not None:
+        # A larger grid cut below the chosen file's size may meet the floor too: smaller wins.
+        larger = [g for g in grids if grid_bytes(model, g) > chosen.size_bytes]
+        cuts = [c for g in larger if (c := _cuts_to_fit(model, g, chosen.size_bytes - 1, pruning, n_layers,
+                                                          **cut_kw))]
+        pool += cuts
+        for c in sorted(cuts, key=lambda c: c.size_bytes):
+            measure(c)
+            if target.meets(c.kld, c.ppl_ratio) and c.size_bytes < chosen.size_bytes:
+                chosen = c
+    return chosen
+
+
+def _apply(cand, steps: list[dict], original, calib, eval_windows, model_spec, work_dir: Path,
+           progress: bool) -> None:
+    """Apply recipe ``steps`` to ``cand`` (a LoadedModel holding a copy) in place, by the
+    recipe runner's step dispatch; the original is the reference and the teacher of a
+    healing distillation, the search's windows its calibration and evaluation text."""
+    from compactor.recipe.runner import RunContext, apply_step
+    from compactor.recipe.schema import Recipe
+
+    recipe = Recipe.from_dict({"model": model_spec or "search-candidate", "reference": "original",
+                               "stages": [{"name": "candidate", "steps": steps}]}, where="compactor search")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(recipe=recipe, loaded=cand, work_dir=work_dir, _reference=original,
+                     _calib_windows=calib, _eval_windows=eval_windows)
+    ctx.stage = "candidate"
+    for step in recipe.stages[0].steps:
+        apply_step(ctx, step.config, progress=progress and step.name == "distill")  # training shows progress
 
 
 def front_table(result: dict) -> str:
@@ -194,7 +288,7 @@ def front_table(result: dict) -> str:
 
 def to_json(result: dict) -> str:
     def one(c):
-        return {"label": c.label, "step": c.step, "size_bytes": c.size_bytes, "kld": c.kld,
+        return {"label": c.label, "steps": c.steps, "size_bytes": c.size_bytes, "kld": c.kld,
                 "ppl_ratio": c.ppl_ratio, "seconds": round(c.seconds, 1), **c.fields}
 
     return json.dumps({"params": result["params"], "chosen": one(result["chosen"]),

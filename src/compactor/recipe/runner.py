@@ -230,6 +230,17 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
     return ctx
 
 
+def apply_step(ctx: RunContext, cfg, progress: bool = True, lead: bool = True) -> bool:
+    """Run one step's config in ``ctx``; True if it changes the model. ``lead``: this
+    process evaluates and writes (rank 0 under torchrun); evaluation steps are skipped elsewhere."""
+    entry = lookup_config(cfg)
+    if entry.kind in ("module", "pair", "plan"):
+        apply_module_step(ctx, cfg, progress)
+    elif entry.kind != "eval" or lead:
+        entry.handler(ctx, cfg)
+    return entry.kind in ("module", "pair", "plan", "model")
+
+
 def _run_stages(ctx: RunContext, progress: bool) -> None:
     from compactor.distributed import dist_info
 
@@ -238,13 +249,8 @@ def _run_stages(ctx: RunContext, progress: bool) -> None:
         ctx.stage = stage.name
         stage_modified = False
         for step in stage.steps:
-            entry = lookup_config(step.config)
             t0 = time.perf_counter()
-            if entry.kind in ("module", "pair", "plan"):
-                apply_module_step(ctx, step.config, progress)
-            elif entry.kind != "eval" or lead:
-                entry.handler(ctx, step.config)
-            stage_modified |= entry.kind in ("module", "pair", "plan", "model")
+            stage_modified |= apply_step(ctx, step.config, progress, lead)
             ctx.modified |= stage_modified
             ctx.log.append({"stage": stage.name, "step": step.name,
                             "seconds": round(time.perf_counter() - t0, 3)})
