@@ -147,6 +147,10 @@ def cmd_run(args) -> int:
     from compactor.recipe import load_recipe, run_recipe
 
     recipe = load_recipe(args.recipe)
+    from compactor.recipe.task import TaskRecipe
+
+    if isinstance(recipe, TaskRecipe):
+        return _run_task_recipe(args, recipe)
     if args.stream or args.max_memory or args.spill_activations:  # flags override the recipe
         import dataclasses
 
@@ -157,6 +161,29 @@ def cmd_run(args) -> int:
     print(table(ctx.results))
     print(f"\nwrote {ctx.out_dir} (model, recipe.yaml, metrics.json, provenance.json)")
     stage_result(args, ctx)
+    return 0
+
+
+def _run_task_recipe(args, recipe) -> int:
+    from compactor.errors import CompactorError
+    from compactor.recipe.task import run_task_recipe
+
+    if args.stream or args.max_memory or args.spill_activations:
+        raise CompactorError("--stream, --max-memory and --spill-activations are for language-model recipes")
+    out = args.out or f"runs/{Path(args.recipe).stem}"
+    from compactor.errors import GateFailed
+
+    try:
+        record = run_task_recipe(recipe, out, overwrite=args.force, resume=args.resume)
+    except GateFailed:  # the output was written: its measurements go with the exit code 3
+        set_result(args, out_dir=out, **json.loads(Path(out, "metrics.json").read_text()))
+        raise
+    set_result(args, out_dir=out, **record)
+    for row in record["stages"]:
+        ret = "" if row["retention"] is None else f", retention {row['retention']:.4f}"
+        print(f"{row['stage']}: {row['model']} accuracy {row['accuracy']:.4f}, macro-F1 {row['macro_f1']:.4f}, "
+              f"{row['size_bytes'] / 1e6:.1f} MB{ret}")
+    print(f"\nwrote {out} (one directory per step, recipe.yaml, metrics.json)")
     return 0
 
 

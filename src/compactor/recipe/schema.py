@@ -194,8 +194,9 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    """Parse and validate a recipe file."""
+def load_recipe(path: str | Path):
+    """Parse and validate a recipe file: a :class:`Recipe`, or a task recipe
+    (:class:`compactor.recipe.task.TaskRecipe`) when it has a ``task`` key."""
     from compactor.errors import CompactorError
 
     path = Path(path)
@@ -210,4 +211,8 @@ def load_recipe(path: str | Path) -> Recipe:
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
         what = getattr(exc, "problem", None) or " ".join(str(exc).split())
         raise ConfigError(f"{where}: not valid YAML ({what})") from None
+    from compactor.recipe.task import TaskRecipe, is_task_recipe
+
+    if is_task_recipe(data):  # an encoder's fine-tune / distill / export pipeline
+        return TaskRecipe.from_dict(data, where=str(path))
     return Recipe.from_dict(data, where=str(path))
