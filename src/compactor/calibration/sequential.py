@@ -152,6 +152,7 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     inputs = Activations(spill_dir)
     with store.parts(model, [adapter.embed], adapter):
         _capture_layer0(model, layers, windows, batch, dtype, inputs)
+    release_freed_memory()  # the embedding's forward temporaries, before the first layer
     smoothing = getattr(cfg, "smoothing", False)
     # Smoothing methods (AWQ, SmoothQuant) visit producer -> consumers pairs; the others
     # visit groups of linears that share an input.
