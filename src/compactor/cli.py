@@ -269,6 +269,7 @@ def cmd_export(args) -> int:
         opts["types"] = GGUFTypes(args.type, args.embed_type, args.head_type)
     elif args.format == "onnx":
         opts["int8"] = args.int8 is not None
+        opts["embed_type"] = args.embed_type
     else:
         opts["float_type"] = args.float_type
     res = export_model(loaded, args.format, args.out, overwrite=args.force,
@@ -464,7 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=["gguf", "compressed-tensors", "onnx"], default="gguf")
     x.add_argument("--type", default="f16", help="GGUF type for linears that are still float "
                    "(quantized ones keep their codes): f32 f16 bf16 q8_0 ... q2_k (default f16)")
-    x.add_argument("--embed-type", default="q8_0", help="GGUF type of the token embedding (default q8_0)")
+    x.add_argument("--embed-type", default="q8_0",
+                   help="type of the token embedding (and a tied head): any GGUF type for gguf; q8_0 or f32 "
+                        "for onnx (default q8_0)")
     x.add_argument("--head-type", default=None, help="GGUF type of an untied output head (default: embed type)")
     x.add_argument("--float-type", default="bf16", choices=["bf16", "f16", "f32"],
                    help="compressed-tensors: dtype of the tensors outside the quantized linears "

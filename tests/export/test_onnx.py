@@ -22,8 +22,11 @@ def test_quantized_model_to_onnx_with_int8(tmp_path, tok):
     loaded = LoadedModel(m, tok, adapter_for(m), "tiny")
     res = export_model(loaded, "onnx", tmp_path / "f", windows=win, progress=False)
     assert res.verification["kld_mean"] < 1e-5 and res.verification["top1"] > 0.99
-    res8 = export_model(loaded, "onnx", tmp_path / "q", windows=win, progress=False, int8=True)
-    assert (tmp_path / "q" / "model.int8.onnx").exists() and res8.summary["size_bytes"] < res.summary["size_bytes"]
+    # onnxruntime's int8 has something to do only where float weights are left: the embedding here.
+    res8 = export_model(loaded, "onnx", tmp_path / "q", windows=win, progress=False, int8=True, embed_type="f32")
+    float_emb = export_model(loaded, "onnx", tmp_path / "fe", windows=win, progress=False, embed_type="f32")
+    assert (tmp_path / "q" / "model.int8.onnx").exists()
+    assert res8.summary["size_bytes"] < float_emb.summary["size_bytes"]
     # int8 weights + activations: a different model, close but not identical
     assert 1e-5 < res8.verification["kld_mean"] < 0.5
 
@@ -74,3 +77,39 @@ def test_bits_per_weight_count_the_quantized_weights(tmp_path, tok):
     res = export_model(LoadedModel(m, tok, adapter_for(m), "tiny"), "onnx", tmp_path / "o", verify=False)
     assert res.summary["params"] == model_size(m)[1] == n  # every weight once, tied ones once
     assert res.summary["bpw"] == round(res.summary["size_bytes"] * 8 / n, 4)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_and_head_in_q8_0_blocks(tmp_path, tok, tied):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from compactor.export.onnx_embed import q8_0
+
+    torch.manual_seed(5)
+    win = make_windows(torch.randint(0, 258, (2 * 48,)), 48)
+    m = tiny_model("llama", tie_word_embeddings=tied)
+    quantize_(m, RTNConfig(grid="q4_0"))
+    loaded = LoadedModel(m, tok, adapter_for(m), "tiny")
+    before = m.get_input_embeddings().weight.detach().clone()
+    q8 = export_model(loaded, "onnx", tmp_path / "q8", windows=win, progress=False)
+    f32 = export_model(loaded, "onnx", tmp_path / "f32", windows=win, progress=False, embed_type="f32")
+    assert q8.summary["embedding"] == "q8_0" and q8.summary["head_matmuls"] == 1
+    assert q8.summary["head"].startswith("q8_0 (tied") == tied
+    # Verified against the same rounded values in memory: only the runtime differs.
+    assert q8.verification["kld_mean"] < 1e-5 and q8.verification["top1"] > 0.99
+    # Q8_0 stores ~8.5 bits per weight instead of 32: the float embedding's share shrinks ~3.8x.
+    emb = m.get_input_embeddings().weight
+    n_float = emb.numel() * (1 if tied else 2)
+    saved = f32.summary["size_bytes"] - q8.summary["size_bytes"]
+    assert saved == pytest.approx(n_float * (4 - 8.5 / 8), rel=0.05)
+    g = onnx.load(str(tmp_path / "q8" / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in g.graph.initializer}
+    codes, scales, _ = q8_0(emb)
+    assert np.array_equal(inits["embed_q8_data"].astype(np.int64) - 128, codes.numpy())  # the codes, unchanged
+    assert np.array_equal(inits["embed_q8_scales"], scales.numpy())
+    assert not any(n.op_type == "Gather" for n in g.graph.node)
+    assert ("head_q8_B" in inits) != tied  # a tied head reads the lookup's codes (stored once)
+    # Untouched by verification: the model in memory keeps its float embedding.
+    assert torch.equal(m.get_input_embeddings().weight, before)

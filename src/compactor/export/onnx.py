@@ -34,8 +34,12 @@ class _Logits(torch.nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
-def export_onnx(model, out_dir: Path, int8: bool = False) -> dict:
-    """Write ``model.onnx`` (and ``model.int8.onnx`` with ``int8``) into ``out_dir``."""
+def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_0") -> dict:
+    """Write ``model.onnx`` (and ``model.int8.onnx`` with ``int8``) into ``out_dir``.
+    ``embed_type``: ``q8_0`` — the token embedding and the head in Q8_0 blocks
+    (:mod:`compactor.export.onnx_embed`; verify against :class:`RoundedEmbedding`) — or ``f32``."""
+    if embed_type not in ("q8_0", "f32"):
+        raise CompactorError(f"ONNX export: the embedding type is q8_0 or f32 here, got {embed_type!r}")
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -60,6 +64,16 @@ def export_onnx(model, out_dir: Path, int8: bool = False) -> dict:
 
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):  # our 4-bit codes, unchanged
         summary.update(rewrite_matmul_nbits(path, model))
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    if embed_type == "q8_0":
+        from compactor.export.onnx_embed import fits, rewrite_embedding_q8
+
+        if not fits(emb):
+            raise CompactorError(f"ONNX export: the embedding's width {emb.shape[1]} is not a multiple of "
+                                 "Q8_0's block of 32; use --embed-type f32")
+        summary.update(rewrite_embedding_q8(path, emb, None if head is None else head.weight))
+    summary["embed_type"] = "q8_0" if summary.get("embedding") == "q8_0" else "f32"
     summary["size_bytes"] = path.stat().st_size
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
