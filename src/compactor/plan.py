@@ -126,6 +126,11 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
             # freed); in the solve the shared Hessian, one owned copy and the factor/inverse
             # pair: about four float32 n x n at once (primitives.hessian, quant.gptq)
             items.append(("largest Hessian with the solver's copies", max(hidden, inter, attn_width) ** 2 * 4 * 4))
+            # While the inverse is formed the solver also holds the weight in float32 and its
+            # column-permuted copy (quant.gptq): at 8B width the down projection's 4096 x
+            # 14,336 is 0.47 GB for the two — the 2-layer 8B run's peak exceeded a plan
+            # without this item by that much (bench/results/scale.md).
+            items.append(("the solved weight's float32 copies", 2 * hidden * inter * 4))
         else:
             items.append(("per-column statistics and row samples", (hidden + inter) * 4 * 1024 * 2))
         per_token = (hidden + attn_width + inter) * forward_bytes
@@ -154,7 +159,7 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
         # One decoder layer with its statistics, or the embedding / head (capture, writing
         # the outer parts, the evaluation's head): never both at once.
         for k, _ in items:
-            if k.startswith(("largest decoder layer", "largest Hessian", "per-column statistics",
+            if k.startswith(("largest decoder layer", "largest Hessian", "the solved weight", "per-column statistics",
                              "one forward batch")):
                 phases[k] = "layer"
             elif k.startswith(("embedding / head", "evaluation")):
