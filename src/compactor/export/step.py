@@ -41,6 +41,8 @@ class ExportConfig(StepConfig):
         for key in ("type", "embed_type", "head_type"):
             v = getattr(self, key)
             check(v is None or v in GGUF_TYPES, f"export.{key}: got {v!r}, expected one of {', '.join(GGUF_TYPES)}")
+        check(self.format != "onnx" or self.embed_type in ("q8_0", "f32"),
+              f"export.embed_type: an ONNX graph holds the embedding in q8_0 or f32, got {self.embed_type!r}")
         check(bool(self.file.strip()) and "/" not in self.file, f"export.file must be a plain file name, got {self.file!r}")
         check(self.verify_tokens >= 2, f"export.verify_tokens must be >= 2, got {self.verify_tokens}")
 
@@ -57,7 +59,8 @@ def _export_step(ctx, cfg: ExportConfig) -> None:
 
     windows = ctx.eval_windows()
     out = Path(ctx.out_dir) / cfg.file
-    opts = {"types": GGUFTypes(cfg.type, cfg.embed_type, cfg.head_type)} if cfg.format == "gguf" else {}
+    opts = ({"types": GGUFTypes(cfg.type, cfg.embed_type, cfg.head_type)} if cfg.format == "gguf"
+            else {"embed_type": cfg.embed_type} if cfg.format == "onnx" else {})
     prov = {"calibration": ctx._calib_windows.provenance if ctx._calib_windows else None,
             "recipe": ctx.recipe.to_yaml()}
     res = export_model(ctx.loaded, cfg.format, out, verify=cfg.verify, windows=sample_windows(windows, cfg.verify_tokens),
