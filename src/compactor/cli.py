@@ -573,6 +573,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {exc}", file=sys.stderr)
         rc = getattr(exc, "exit_code", 2)  # 3: a quality gate failed
+        out = getattr(args, "out", None)
+        if rc == 3 and getattr(args, "result", None) is None and out and Path(out, "metrics.json").is_file():
+            # A failed gate leaves the output of the last stage that passed: its figures go too.
+            set_result(args, out_dir=str(out), results=json.loads(Path(out, "metrics.json").read_text()))
         emit(args, rc, error=str(exc))
         return rc
     except KeyboardInterrupt:

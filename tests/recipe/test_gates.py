@@ -50,6 +50,11 @@ def test_failed_gate_exit_3_keeps_last_passed_stage(tmp_path, tiny_dir, text_fil
     assert main(["run", str(r), "--out", str(tmp_path / "cli"), "--force"]) == 3
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: stage 'q2' failed its gate")
+    # --json: the document carries the error and the kept output's figures
+    assert main(["run", str(r), "--out", str(tmp_path / "cli"), "--force", "--json"]) == 3
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["exit_code"] == 3 and "failed its gate" in doc["error"]
+    assert doc["results"] == json.loads((tmp_path / "cli" / "metrics.json").read_text()) and doc["results"]
 
 
 def test_gate_on_the_first_stage_keeps_the_input(tmp_path, tiny_dir, text_file):
