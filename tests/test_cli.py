@@ -51,7 +51,13 @@ def test_quantize_defaults_to_a_grid_that_fits_and_says_so(tmp_path, tiny_dir, t
     out = tmp_path / "q"
     assert main(["quantize", str(tiny_dir), "--method", "rtn", "--eval-data", str(text_file), "--eval-tokens", "128",
                  "--eval-window", "64", "--no-speed", "--out", str(out)]) == 0
-    assert "grid: q4_0 (the default" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "grid: q4_0 (the default" in printed
+    # the file a runtime would load, beside the torch row's in-memory size (float32 embedding)
+    from compactor.evaluate.size import gguf_size
+    from compactor.models.load import load_model
+
+    assert f"as GGUF (export defaults, embedding q8_0): {gguf_size(load_model(str(out)).model) / 1e6:.1f} MB" in printed
     import yaml
 
     assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["steps"][0]["rtn"]["grid"] == "q4_0"

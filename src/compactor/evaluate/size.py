@@ -43,3 +43,34 @@ def model_size(model: torch.nn.Module) -> tuple[int, int]:
             if isinstance(t, torch.nn.Parameter):
                 numel += t.numel()
     return nbytes, numel
+
+
+def gguf_size(model: torch.nn.Module, embed_type: str = "q8_0", float_type: str = "f16") -> int:
+    """Bytes of tensor data a GGUF export of ``model`` with these types would hold
+    (``compactor export --format gguf`` defaults): quantized modules at their grid's size,
+    a float token embedding (and the head, once if tied) at ``embed_type``, other float
+    matrices at ``float_type``, vectors (norms, biases) in float32. The file adds its header
+    and tokenizer on top. Known before exporting: a torch row's size counts the float32
+    embedding a quantized model still holds in memory."""
+    from compactor.primitives.ggml import GGML_TYPES
+
+    def bpw(t: str) -> float:
+        return {"f32": 32.0, "f16": 16.0, "bf16": 16.0}.get(t) or GGML_TYPES[t].bpw
+
+    emb = model.get_input_embeddings()
+    head = model.get_output_embeddings()
+    table = {id(m.weight) for m in (emb, head) if m is not None and hasattr(m, "weight")}
+    nbytes, seen = 0.0, set()
+    for mod in model.modules():
+        if hasattr(mod, "storage_nbytes"):
+            nbytes += int(mod.storage_nbytes())
+            seen.update(t.data_ptr() for t in mod.parameters(recurse=False))
+            continue
+        nonpersistent = getattr(mod, "_non_persistent_buffers_set", set())
+        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is None or t.data_ptr() in seen or name in nonpersistent:
+                continue
+            seen.add(t.data_ptr())
+            kind = embed_type if id(t) in table else float_type if t.dim() == 2 else "f32"
+            nbytes += t.numel() * bpw(kind) / 8
+    return int(round(nbytes))
