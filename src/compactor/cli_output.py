@@ -101,15 +101,15 @@ def output_streams(args: argparse.Namespace) -> Iterator[None]:
 
 def emit(args: argparse.Namespace, exit_code: int, error: str | None = None) -> None:
     """Write the ``--json`` document of a finished command (its result, or its error)."""
-    from compactor.distributed import dist_info
-
     dest = getattr(args, "json", None)
     result = getattr(args, "result", None)
-    if dist_info()[0] != 0:  # under torchrun, rank 0 reports (the others write nothing either)
-        return
     # A file is written only for a command that produced a result (a failed gate still has
     # its measurements); bad input leaves no file behind, only its error on stdout.
     if dest is None or (dest != "-" and result is None):
+        return
+    from compactor.distributed import dist_info
+
+    if dist_info()[0] != 0:  # under torchrun, rank 0 reports (the others write nothing either)
         return
     doc = {"command": getattr(args, "command", None), "exit_code": exit_code}
     if error is not None:
