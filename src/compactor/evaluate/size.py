@@ -10,13 +10,22 @@ from __future__ import annotations
 import torch
 
 
-def _unique_tensors(module: torch.nn.Module):
-    seen = set()
-    for t in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
-        if t is None or t.data_ptr() in seen:
+def _stored(model: torch.nn.Module):
+    """What a model stores, once each: ``(module, None)`` for a module that reports its own
+    storage (``storage_nbytes``), else ``(None, tensor)`` for every parameter and persistent
+    buffer; tied tensors once, non-persistent buffers (rotary tables) left out."""
+    seen: set[int] = set()
+    for mod in model.modules():
+        if hasattr(mod, "storage_nbytes"):
+            seen.update(t.data_ptr() for t in mod.parameters(recurse=False))
+            yield mod, None
             continue
-        seen.add(t.data_ptr())
-        yield t
+        nonpersistent = getattr(mod, "_non_persistent_buffers_set", set())
+        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
+            if t is None or t.data_ptr() in seen or name in nonpersistent:
+                continue
+            seen.add(t.data_ptr())
+            yield None, t
 
 
 def model_size(model: torch.nn.Module) -> tuple[int, int]:
@@ -26,22 +35,13 @@ def model_size(model: torch.nn.Module) -> tuple[int, int]:
     rotary tables do not.
     """
     nbytes, numel = 0, 0
-    seen: set[int] = set()
-    for mod in model.modules():
-        if hasattr(mod, "storage_nbytes"):
+    for mod, t in _stored(model):
+        if mod is not None:
             nbytes += int(mod.storage_nbytes())
             numel += int(mod.logical_numel())
-            for t in mod.parameters(recurse=False):
-                seen.add(t.data_ptr())
-            continue
-        nonpersistent = getattr(mod, "_non_persistent_buffers_set", set())
-        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            if t is None or t.data_ptr() in seen or name in nonpersistent:
-                continue
-            seen.add(t.data_ptr())
+        else:
             nbytes += t.numel() * t.element_size()
-            if isinstance(t, torch.nn.Parameter):
-                numel += t.numel()
+            numel += t.numel() if isinstance(t, torch.nn.Parameter) else 0
     return nbytes, numel
 
 
@@ -60,17 +60,11 @@ def gguf_size(model: torch.nn.Module, embed_type: str = "q8_0", float_type: str 
     emb = model.get_input_embeddings()
     head = model.get_output_embeddings()
     table = {id(m.weight) for m in (emb, head) if m is not None and hasattr(m, "weight")}
-    nbytes, seen = 0.0, set()
-    for mod in model.modules():
-        if hasattr(mod, "storage_nbytes"):
+    nbytes = 0.0
+    for mod, t in _stored(model):
+        if mod is not None:
             nbytes += int(mod.storage_nbytes())
-            seen.update(t.data_ptr() for t in mod.parameters(recurse=False))
-            continue
-        nonpersistent = getattr(mod, "_non_persistent_buffers_set", set())
-        for name, t in list(mod.named_parameters(recurse=False)) + list(mod.named_buffers(recurse=False)):
-            if t is None or t.data_ptr() in seen or name in nonpersistent:
-                continue
-            seen.add(t.data_ptr())
+        else:
             kind = embed_type if id(t) in table else float_type if t.dim() == 2 else "f32"
             nbytes += t.numel() * bpw(kind) / 8
     return int(round(nbytes))
