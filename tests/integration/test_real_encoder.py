@@ -47,3 +47,25 @@ def test_minilm_finetune_student_and_onnx(small_splits, tmp_path):
     fp32, int8 = x["verify"]
     assert fp32["agreement"] == 1.0 and int8["passed"]
     assert {"Attention", "EmbedLayerNormalization", "SkipLayerNormalization"} <= set(x["fused_ops"])
+
+
+def test_shipped_task_recipe_runs_on_the_real_encoder(small_splits, tmp_path):
+    """recipes/tweets_student.yaml end to end on the real encoder (small slices for time; the
+    retention floor loosened for a 640-tweet teacher, the size gate as shipped)."""
+    from pathlib import Path
+
+    import yaml
+
+    from compactor.recipe.task import TaskRecipe, run_task_recipe
+
+    data = yaml.safe_load((Path(__file__).parents[2] / "recipes" / "tweets_student.yaml").read_text())
+    data["data"] = {"train": small_splits["train"], "test": small_splits["test"], "dev": small_splits["test"]}
+    for stage in data["stages"]:
+        if stage.get("gate", {}).get("min_accuracy_retention"):
+            stage["gate"]["min_accuracy_retention"] = 0.5
+    rec = run_task_recipe(TaskRecipe.from_dict(data), tmp_path / "out", progress=False)
+    rows = {r["stage"]: r for r in rec["stages"]}
+    onnx = rows["ONNX int8 (dynamic)"]
+    assert onnx["model"] == "03-export/model.int8.onnx" and all(c["passed"] for c in onnx["gate"])
+    assert onnx["size_bytes"] < 22.6e6 < rows["teacher"]["size_bytes"]  # a quarter of the teacher's fp32
+    assert (tmp_path / "out" / "02-distill" / "task_run.json").exists()
