@@ -53,6 +53,11 @@ class Target:
     def is_budget(self) -> bool:
         return self.max_size_mb is not None or self.max_bpw is not None
 
+    def budget_bytes(self, params: int) -> float:
+        """The size budget in bytes (the tighter of ``max_size_mb`` and ``max_bpw``)."""
+        return min(x for x in (self.max_size_mb and self.max_size_mb * 1e6,
+                               self.max_bpw and self.max_bpw * params / 8) if x)
+
     def fits(self, size_bytes: float, params: int) -> bool:
         return ((self.max_size_mb is None or size_bytes / 1e6 <= self.max_size_mb)
                 and (self.max_bpw is None or size_bytes * 8 / params <= self.max_bpw))
@@ -130,32 +135,31 @@ def pareto(cands: list[Candidate]) -> list[Candidate]:
 @dataclass(frozen=True)
 class Pruning:
     """Depth cuts in the search: at most ``max_drop`` of the layers, each cut healed by
-    ``heal_tokens`` of distillation on ``heal_data`` (the calibration text by default)."""
+    ``heal_tokens`` of distillation on ``heal_data`` (the search fills in its calibration
+    text when None); ``eval_data``, the distillation's own before/after scoring, is set by
+    the search to its evaluation spec."""
 
     max_drop: float = 0.25
     heal_tokens: int = 65536
     heal_data: str | None = None
     heal_window: int = 256
+    eval_data: str = "domains"
 
 
-def _cut(model, grid: str, n_drop: int, pruning: Pruning, heal_data: str, eval_spec: str) -> Candidate:
-    steps = [{"drop_layers": {"count": n_drop, "metric": "block_influence"}},
+def _cut_to_fit(model, grid: str, limit: float, pruning: Pruning, n_layers: int) -> Candidate | None:
+    """The cut with the fewest layers dropped that brings ``grid`` to ``limit`` bytes or less
+    (None if ``grid`` fits whole or would need more than ``max_drop`` of the layers)."""
+    over = grid_bytes(model, grid) - limit
+    n = int(-(-over // layer_bytes(model, grid)))
+    if over <= 0 or n > int(pruning.max_drop * n_layers):
+        return None
+    steps = [{"drop_layers": {"count": n, "metric": "block_influence"}},
              {"distill": {"teacher": "original", "student": "current", "ce": 0.5, "kl": 0.5,
-                          "data": heal_data, "tokens": pruning.heal_tokens, "window": pruning.heal_window,
-                          "batch": 8, "micro_batch": 4, "lr": 3.0e-4, "eval_data": eval_spec,
+                          "data": pruning.heal_data, "tokens": pruning.heal_tokens, "window": pruning.heal_window,
+                          "batch": 8, "micro_batch": 4, "lr": 3.0e-4, "eval_data": pruning.eval_data,
                           "eval_tokens": pruning.heal_window}},
              {"gptq": {"grid": grid}}]
-    return Candidate(f"drop {n_drop} + heal + gptq {grid}", steps,
-                     grid_bytes(model, grid) - n_drop * layer_bytes(model, grid))
-
-
-def _cuts_to_fit(model, grid: str, limit: float, pruning: Pruning, n_layers: int, **kw) -> Candidate | None:
-    """The cut with the fewest layers dropped that brings ``grid`` to ``limit`` bytes or less."""
-    over = grid_bytes(model, grid) - limit
-    if over <= 0:
-        return None
-    n = int(-(-over // layer_bytes(model, grid)))
-    return _cut(model, grid, n, pruning, **kw) if n <= int(pruning.max_drop * n_layers) else None
+    return Candidate(f"drop {n} + heal + gptq {grid}", steps, grid_bytes(model, grid) - n * layer_bytes(model, grid))
 
 
 def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS,
@@ -163,9 +167,11 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS,
            pruning: Pruning | None = None, model_spec: str | None = None,
            calib_spec: str | None = None, eval_spec: str = "domains", work_dir=None) -> dict:
     """Run the search (see the module docstring) on ``loaded`` (a LoadedModel in memory).
-    ``reference``: a cached backend of the original. ``pruning``: also try depth cuts (needs
-    ``model_spec``, the original's name for the recipe, and ``calib_spec`` or
-    ``pruning.heal_data``, the healing text). Returns {"candidates", "front", "chosen"}."""
+    ``reference``: a cached backend of the original. ``pruning``: also try depth cuts
+    (``model_spec`` names the original in their recipe; they heal on ``pruning.heal_data``,
+    else ``calib_spec``). Returns {"candidates", "front", "chosen"}."""
+    import dataclasses
+    import itertools
     import tempfile
     import time
 
@@ -175,12 +181,13 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS,
     model = loaded.model
     params = sum({id(p): p.numel() for p in model.parameters()}.values())
     n_layers = len(decoder_layers(model, loaded.adapter))
-    if pruning is not None and (pruning.heal_data or calib_spec) is None:
-        raise CompactorError("search: depth cuts are healed on text: give the calibration spec or heal_data")
-    cut_kw = {} if pruning is None else {"heal_data": pruning.heal_data or calib_spec, "eval_spec": eval_spec}
+    if pruning is not None:
+        if (pruning.heal_data or calib_spec) is None:
+            raise CompactorError("search: depth cuts are healed on text: give the calibration spec or heal_data")
+        pruning = dataclasses.replace(pruning, heal_data=pruning.heal_data or calib_spec, eval_data=eval_spec)
     pool = [Candidate(f"{m} {g}", [{m: {"grid": g}}], grid_bytes(model, g)) for g in grids for m in methods]
     if mixed and target.is_budget:
-        top = min(x for x in (target.max_bpw, target.max_size_mb and target.max_size_mb * 8e6 / params) if x)
+        top = target.budget_bytes(params) * 8 / params  # bits per weight
         from compactor.primitives.ggml import GGML_TYPES
         from compactor.quant.mixed import MixedPrecisionConfig
 
@@ -192,9 +199,8 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS,
             pool.append(Candidate(f"mixed {bpw} bpw + gptq",
                                   [{"mixed_precision": {"target_bpw": bpw, "then": "gptq"}}], bpw * params / 8))
     if pruning is not None and target.is_budget:
-        limit = min(x for x in (target.max_size_mb and target.max_size_mb * 1e6,
-                                target.max_bpw and target.max_bpw * params / 8) if x)
-        pool += [c for g in grids if (c := _cuts_to_fit(model, g, limit, pruning, n_layers, **cut_kw))]
+        limit = target.budget_bytes(params)
+        pool += [c for g in grids if (c := _cut_to_fit(model, g, limit, pruning, n_layers))]
     fitting = [c for c in pool if not target.is_budget or target.fits(c.size_bytes, params)]
     if not fitting:
         small = min(pool, key=lambda c: c.size_bytes)
@@ -204,29 +210,30 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS,
     scratch = tempfile.TemporaryDirectory(prefix="compactor-search-") if work_dir is None else None
     work = Path(work_dir) if work_dir is not None else Path(scratch.name)
 
+    built = itertools.count()  # one work directory per candidate built
+
     def measure(c: Candidate) -> None:
         t0 = time.perf_counter()
         cand = copy.copy(loaded)
         cand.model = copy.deepcopy(model)
-        _apply(cand, c.steps, loaded, calib, eval_windows, model_spec, work / f"c{len(work_done)}", progress)
-        work_done.append(c)
+        _apply(cand, c.steps, loaded, calib, eval_windows, model_spec, work / f"c{next(built)}", progress)
         r = evaluate(cand.model, eval_windows, reference=reference, speed=False, name=c.label, progress=progress)
         c.kld, c.ppl_ratio = r.kld_mean, r.ppl / r.ref_ppl
         c.fields = {"ppl": r.ppl, "top1": r.top1, "kld_p99": r.kld_p99, "torch_size_bytes": r.size_bytes}
         c.seconds = time.perf_counter() - t0
         del cand
 
-    work_done: list[Candidate] = []
     try:
-        chosen = _choose(target, pool, fitting, methods, grids, measure, model, pruning, n_layers, cut_kw)
+        chosen = _choose(target, pool, fitting, methods, grids, measure, model, pruning, n_layers)
     finally:
         if scratch is not None:
             scratch.cleanup()
     return {"candidates": pool, "front": pareto(pool), "chosen": chosen, "params": params}
 
 
-def _choose(target, pool, fitting, methods, grids, measure, model, pruning, n_layers, cut_kw) -> Candidate:
-
+def _choose(target, pool, fitting, methods, grids, measure, model, pruning, n_layers) -> Candidate:
+    """Measure candidates cheapest first and return the choice (see the module docstring);
+    a floor search with ``pruning`` adds its cuts to ``pool``."""
     chosen = None
     if target.is_budget:
         # Every fitting candidate, cheap methods first (RTN, then single-pass methods, then
@@ -246,8 +253,7 @@ def _choose(target, pool, fitting, methods, grids, measure, model, pruning, n_la
     if pruning is not None:
         # A larger grid cut below the chosen file's size may meet the floor too: smaller wins.
         larger = [g for g in grids if grid_bytes(model, g) > chosen.size_bytes]
-        cuts = [c for g in larger if (c := _cuts_to_fit(model, g, chosen.size_bytes - 1, pruning, n_layers,
-                                                          **cut_kw))]
+        cuts = [c for g in larger if (c := _cut_to_fit(model, g, chosen.size_bytes - 1, pruning, n_layers))]
         pool += cuts
         for c in sorted(cuts, key=lambda c: c.size_bytes):
             measure(c)
