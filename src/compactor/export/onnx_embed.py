@@ -16,10 +16,10 @@ exporter rounds.
 
 from __future__ import annotations
 
-import hashlib
-
 import numpy as np
 import torch
+
+from compactor.export.onnx_nbits import digest, save_rewritten
 
 BLOCK = 32  # Q8_0's block
 
@@ -39,8 +39,9 @@ def fits(weight: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.shape[1] % BLOCK == 0
 
 
-def _digest(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+def _u8(codes: torch.Tensor) -> np.ndarray:
+    """Q8_0 codes −127..127 as the operators' uint8 with zero point 128."""
+    return (codes.to(torch.int64) + 128).numpy().astype(np.uint8)
 
 
 def rewrite_embedding_q8(path, embed_weight: torch.Tensor, head_weight: torch.Tensor | None) -> dict:
@@ -56,11 +57,10 @@ def rewrite_embedding_q8(path, embed_weight: torch.Tensor, head_weight: torch.Te
     codes, scales, _ = q8_0(embed_weight)
     tied = head_weight is None or head_weight is embed_weight
     head_weight = embed_weight if tied else head_weight
-    emb_digest = _digest(embed_weight.detach().float().numpy())
-    head_digest = _digest(head_weight.detach().float().numpy())  # [V, H], as stored
+    emb_digest = digest(embed_weight.detach().float().numpy())
+    head_digest = digest(head_weight.detach().float().numpy())  # [V, H], as stored
     v, h = codes.shape
-    u = (codes.to(torch.int64) + 128).numpy().astype(np.uint8)  # [V, H]
-    new_inits = [numpy_helper.from_array(u, "embed_q8_data"),
+    new_inits = [numpy_helper.from_array(_u8(codes), "embed_q8_data"),  # [V, H]
                  numpy_helper.from_array(scales.numpy().astype(np.float32), "embed_q8_scales")]
     # The exporter writes the head as MatMul(x, Wᵀ): Wᵀ either a folded initializer [H, V] or
     # a Transpose of the [V, H] initializer the lookup also reads (a tied head).
@@ -69,16 +69,16 @@ def rewrite_embedding_q8(path, embed_weight: torch.Tensor, head_weight: torch.Te
 
     def is_head(name: str) -> bool:
         if name in inits and list(inits[name].dims) == [h, v]:
-            return _digest(numpy_helper.to_array(inits[name]).T) == head_digest
+            return digest(numpy_helper.to_array(inits[name]).T) == head_digest
         src = inits.get(transposed.get(name, ""))
-        return src is not None and list(src.dims) == [v, h] and _digest(numpy_helper.to_array(src)) == head_digest
+        return src is not None and list(src.dims) == [v, h] and digest(numpy_helper.to_array(src)) == head_digest
 
     done = {"gather": 0, "head": 0}
     nodes = []
     scale_name = "embed_q8_scales" if tied else "head_q8_scales"
     for node in g.graph.node:
         data = inits.get(node.input[0]) if node.op_type == "Gather" and node.input else None
-        if data is not None and list(data.dims) == [v, h] and _digest(numpy_helper.to_array(data)) == emb_digest:
+        if data is not None and list(data.dims) == [v, h] and digest(numpy_helper.to_array(data)) == emb_digest:
             nodes.append(helper.make_node("GatherBlockQuantized", ["embed_q8_data", node.input[1], "embed_q8_scales"],
                                           list(node.output), name="embed_q8_gather", domain="com.microsoft",
                                           bits=8, block_size=BLOCK, gather_axis=0, quantize_axis=1))
@@ -93,8 +93,7 @@ def rewrite_embedding_q8(path, embed_weight: torch.Tensor, head_weight: torch.Te
                                                   name="head_q8_reshape"))
                 else:
                     hc, hs, _ = q8_0(head_weight)
-                    hu = (hc.to(torch.int64) + 128).numpy().astype(np.uint8)
-                    new_inits += [numpy_helper.from_array(hu.reshape(v, h // BLOCK, BLOCK), "head_q8_B"),
+                    new_inits += [numpy_helper.from_array(_u8(hc).reshape(v, h // BLOCK, BLOCK), "head_q8_B"),
                                   numpy_helper.from_array(hs.numpy().astype(np.float32), "head_q8_scales")]
             nodes.append(helper.make_node("MatMulNBits", [node.input[0], "head_q8_B", scale_name],
                                           list(node.output), name=f"head_q8_{done['head']}", domain="com.microsoft",
@@ -104,19 +103,10 @@ def rewrite_embedding_q8(path, embed_weight: torch.Tensor, head_weight: torch.Te
         nodes.append(node)
     if not done["gather"]:
         return {"embedding": "float32 (its Gather was not found in the graph)"}
-    # Transposes no node reads any more, then initializers no node reads.
+    # Transposes no node reads any more (the initializers go with them).
     consumed = {i for node in nodes for i in node.input} | {o.name for o in g.graph.output}
     nodes = [n for n in nodes if not (n.op_type == "Transpose" and n.output[0] not in consumed)]
-    del g.graph.node[:]
-    g.graph.node.extend(nodes)
-    g.graph.initializer.extend(new_inits)
-    still = {n for node in g.graph.node for n in node.input}
-    keep = [i for i in g.graph.initializer if i.name in still]
-    del g.graph.initializer[:]
-    g.graph.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in g.opset_import):
-        g.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(g, str(path))
+    save_rewritten(g, path, nodes, new_inits)
     return {"embedding": "q8_0", "embedding_gathers": done["gather"], "head_matmuls": done["head"],
             "head": ("float32 (its MatMul was not found in the graph)" if not done["head"]
                      else "q8_0 (tied: the embedding's codes)" if tied else "q8_0")}

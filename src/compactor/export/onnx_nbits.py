@@ -47,8 +47,27 @@ def pack_nbits(codes: torch.Tensor, scale: torch.Tensor, block: int) -> tuple[np
     return np.ascontiguousarray(packed.astype(np.uint8)), scale.float().contiguous().numpy().reshape(-1)
 
 
-def _digest(a: np.ndarray) -> str:
+def digest(a: np.ndarray) -> str:
+    """Fingerprint of a float array's values (graph initializers are found by value)."""
     return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def save_rewritten(g, path, nodes: list, new_inits: list = ()) -> None:
+    """Give graph ``g`` its rewritten ``nodes`` and ``new_inits``, drop the initializers no
+    node reads any more, declare the com.microsoft domain, and save it to ``path``."""
+    import onnx
+    from onnx import helper
+
+    del g.graph.node[:]
+    g.graph.node.extend(nodes)
+    g.graph.initializer.extend(new_inits)
+    still = {n for node in g.graph.node for n in node.input} | {o.name for o in g.graph.output}
+    keep = [i for i in g.graph.initializer if i.name in still]
+    del g.graph.initializer[:]
+    g.graph.initializer.extend(keep)
+    if not any(o.domain == "com.microsoft" for o in g.opset_import):
+        g.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    onnx.save(g, str(path))
 
 
 def rewrite_matmul_nbits(path, model) -> dict:
@@ -69,14 +88,14 @@ def rewrite_matmul_nbits(path, model) -> dict:
             skipped[f"{m.label}: {why}"] = skipped.get(f"{m.label}: {why}", 0) + 1
             continue
         w = m.qparams.dequantize(m.codes.to(torch.int32)).numpy()  # the graph's float weight
-        by_digest.setdefault(_digest(w.T), []).append((name, m))
-    replaced, nodes, used = 0, [], set()
+        by_digest.setdefault(digest(w.T), []).append((name, m))
+    replaced, nodes = 0, []
     for node in g.graph.node:
         b = node.input[1] if node.op_type == "MatMul" and len(node.input) == 2 else None
         init = inits.get(b) if b else None
         hit = None
         if init is not None and len(init.dims) == 2:
-            hit = by_digest.get(_digest(numpy_helper.to_array(init)))
+            hit = by_digest.get(digest(numpy_helper.to_array(init)))
         if not hit:
             nodes.append(node)
             continue
@@ -88,15 +107,6 @@ def rewrite_matmul_nbits(path, model) -> dict:
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{tag}_nbits_B", f"{tag}_nbits_scales"],
                                       list(node.output), name=f"{tag}_nbits", domain="com.microsoft",
                                       K=m.in_features, N=m.out_features, bits=4, block_size=m.qparams.block))
-        used.add(b)
         replaced += 1
-    del g.graph.node[:]
-    g.graph.node.extend(nodes)
-    still = {n for node in g.graph.node for n in node.input}
-    keep = [i for i in g.graph.initializer if i.name not in used or i.name in still]
-    del g.graph.initializer[:]
-    g.graph.initializer.extend(keep)
-    if not any(o.domain == "com.microsoft" for o in g.opset_import):
-        g.opset_import.append(helper.make_opsetid("com.microsoft", 1))
-    onnx.save(g, str(path))
+    save_rewritten(g, path, nodes)
     return {"matmul_nbits": replaced, "kept_float": skipped}
