@@ -4,8 +4,9 @@ The sequential runner keeps one hidden-state tensor per calibration batch (plus 
 keyword arguments: position embeddings, masks — small and shared), and per layer the cached
 inputs of the replayed consumers (o_proj, down_proj: the down projection's input is the
 widest tensor of a layer). With ``spill_dir`` each batch lives in a raw file instead and is
-read back when the runner iterates, so memory holds one batch at a time. Files are read and written with plain I/O, not memory
-maps: a mapping keeps every page it touched resident and counted in RSS.
+read back when the runner iterates, so memory holds one batch at a time. Files are read and
+written with plain I/O, not memory maps: a mapping keeps every page it touched resident and
+counted in RSS.
 """
 
 from __future__ import annotations

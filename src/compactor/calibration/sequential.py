@@ -30,7 +30,6 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-
 from compactor.calibration.activations import Activations
 from compactor.calibration.hooks import StopForward, input_hooks, replay_block
 from compactor.data.windows import TokenWindows
@@ -131,8 +130,9 @@ def run_sequential(model, windows: TokenWindows, handler: Handler, cfg, *,
     streamed model holds one layer at a time. ``sink(index, layer)``: called with each
     finished layer before it is handed back (a streamed run writes it out there).
     ``spill_dir``: keep the activations between layers in files there instead of memory
-    (one batch in memory at a time), and so do the replayed consumers' cached inputs. ``start_layer``: layers before it are already done
-    (a resumed run): they only propagate the activations, as they would have."""
+    (one batch in memory at a time), and so do the replayed consumers' cached inputs.
+    ``start_layer``: layers before it are already done (a resumed run): they only propagate
+    the activations, as they would have."""
     if len(windows) == 0:
         raise CompactorError("calibration data is empty: no token windows to observe")
     adapter = adapter or adapter_for(model)

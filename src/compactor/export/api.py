@@ -150,7 +150,6 @@ def _export_ct(loaded, out, verify, windows, prov, overwrite, float_type: str = 
 
 def _export_onnx(loaded, out, verify, windows, prov, overwrite, int8: bool = False,
                  embed_type: str = "q8_0") -> ExportResult:
-
     from compactor.export.onnx import export_onnx, verify_onnx
     from compactor.export.onnx_embed import RoundedEmbedding
 

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compactor.memory import fmt_bytes
-
 from compactor.data.windows import TokenWindows, domain_windows, windows_for
 from compactor.evaluate.harness import EvalResult, evaluate
 from compactor.io import atomic_dir
+from compactor.memory import fmt_bytes
 from compactor.models.load import LoadedModel, load_model
 from compactor.quant.storage import save_model
 from compactor.recipe.schema import Recipe
