@@ -31,34 +31,101 @@ def test_pareto_keeps_only_the_non_dominated():
     assert [x.label for x in pareto(c)] == ["d", "a", "c"]
 
 
-def test_budget_search_picks_the_best_fitting_candidate(setup):
+def _built(res):
+    return [c for c in res["candidates"] if c.kld is not None]
+
+
+@pytest.mark.parametrize("top", [1, 2])
+def test_budget_search_ranks_by_rtn_and_picks_the_best_fitting(setup, top):
     loaded, calib, win, ref = setup
     params = sum(p.numel() for p in loaded.model.parameters())
-    budget = grid_bytes(loaded.model, "q5_0") * 8 / params + 0.01  # q4_0 and q5_0 fit, q8_0 not
-    res = search(loaded, Target(max_bpw=budget), calib, win, ref, grids=GRIDS, mixed=True, progress=False)
-    built = [c for c in res["candidates"] if c.kld is not None]
-    assert {c.label for c in built} >= {"rtn q4_0", "gptq q4_0", "rtn q5_0", "gptq q5_0"}
-    assert not any("q8_0" in c.label and c.kld is not None for c in res["candidates"])  # never built
+    budget = grid_bytes(loaded.model, "q5_0", "q5_0") * 8 / params + 0.01  # q8_0 linears never fit
+    res = search(loaded, Target(max_bpw=budget), calib, win, ref, grids=GRIDS, mixed=True, top=top,
+                 progress=False)
+    built = _built(res)
+    assert not any(c.size_bytes * 8 / params > budget for c in built)  # nothing over budget is built
+    assert not any(c.grid == "q8_0" for c in built)
+    rtn = [c for c in built if c.method == "rtn"]
+    # Per grid, RTN only with the largest embedding type that fits.
+    assert sorted((c.grid, c.embed) for c in rtn) == [("q4_0", "q8_0"), ("q5_0", "q5_0")]
+    assert all("larger embedding" in c.why_not or c.why_not == "over the budget" for c in res["candidates"]
+               if c.method == "rtn" and c.kld is None)
+    assert any("larger embedding" in (c.why_not or "") for c in res["candidates"])
+    # The calibrated methods only on the best `top` configurations by RTN.
+    best = {(c.grid, c.embed) for c in sorted(rtn, key=lambda c: c.kld)[:top]}
+    for m in ("gptq", "awq+gptq"):
+        assert {(c.grid, c.embed) for c in built if c.method == m} == best
+    assert any(c.label.startswith("mixed") for c in built)
     chosen = res["chosen"]
     assert chosen.size_bytes * 8 / params <= budget and chosen.kld == min(c.kld for c in built)
-    front = res["front"]
-    for a in front:  # non-dominated among everything measured
+    for a in res["front"]:  # non-dominated among everything measured
         assert not any(b.size_bytes <= a.size_bytes and b.kld < a.kld and b is not a for b in built)
+    assert res["context"].loaded.model is not loaded.model  # the chosen model, kept built
 
 
-def test_floor_search_stops_at_the_smallest_grid_that_meets_it(setup):
+def test_calibrated_methods_beat_rtn_on_held_out_text(setup):
+    """What the ranking relies on: on the configuration it picks, GPTQ and AWQ+GPTQ (fitted
+    on the calibration windows) score below RTN on the evaluation windows."""
+    loaded, calib, win, ref = setup
+    params = sum(p.numel() for p in loaded.model.parameters())
+    budget = grid_bytes(loaded.model, "q4_0", "q8_0") * 8 / params + 0.001
+    res = search(loaded, Target(max_bpw=budget), calib, win, ref, grids=("q4_0",), embeds=("q8_0",),
+                 mixed=False, progress=False)
+    by = {c.method: c.kld for c in _built(res)}
+    assert by["gptq"] < by["rtn"] and by["awq+gptq"] < by["rtn"]
+
+
+def test_floor_search_stops_at_the_smallest_file_that_meets_it(setup):
     loaded, calib, win, ref = setup
     loose = search(loaded, Target(max_kld=1e9), calib, win, ref, grids=GRIDS, progress=False)
-    assert loose["chosen"].label == "gptq q4_0"
-    assert [c.label for c in loose["candidates"] if c.kld is not None] == ["gptq q4_0"]  # stopped at once
-    q4, q5 = loose["chosen"].kld, None
-    tight = search(loaded, Target(max_kld=q4 * 0.5), calib, win, ref, grids=GRIDS, progress=False)
-    measured = [c for c in tight["candidates"] if c.kld is not None]
-    assert tight["chosen"].kld <= q4 * 0.5
-    assert all(c.kld > q4 * 0.5 for c in measured if c is not tight["chosen"])  # every smaller one failed
-    assert tight["chosen"].size_bytes == max(c.size_bytes for c in measured)
+    smallest = min(res.size_bytes for res in loose["candidates"])
+    assert loose["chosen"].size_bytes == smallest
+    assert [c.label for c in _built(loose)] == [loose["chosen"].label] == ["rtn q4_0, embed q4_0"]  # at once
+    # A floor RTN meets only on a larger configuration.
+    rtn = sorted((c for c in loose["candidates"] if c.method == "rtn"), key=lambda c: c.size_bytes)
+    mid = search(loaded, Target(max_kld=1e9), calib, win, ref, grids=("q5_0",), embeds=("q5_0",),
+                 methods=("rtn",), progress=False)["chosen"].kld
+    tight = search(loaded, Target(max_kld=mid * 1.001), calib, win, ref, grids=GRIDS, progress=False)
+    chosen, built = tight["chosen"], _built(tight)
+    assert chosen.kld <= mid * 1.001
+    assert chosen.size_bytes == min(c.size_bytes for c in built if c.kld <= mid * 1.001)
+    first_pass = next(c for c in built if c.method == "rtn" and c.kld <= mid * 1.001)
+    assert all(c.kld > mid * 1.001 for c in built if c.method == "rtn" and c.size_bytes < first_pass.size_bytes)
+    assert [c.label for c in built if c.method == "rtn"] == [c.label for c in rtn[:len(
+        [c for c in built if c.method == "rtn"])]]  # RTN walked smallest first
     with pytest.raises(CompactorError, match="no candidate meets the quality floor"):
         search(loaded, Target(max_kld=0.0), calib, win, ref, grids=GRIDS, progress=False)
+
+
+def test_an_interrupted_search_resumes_without_measuring_again(setup, tmp_path, monkeypatch):
+    import compactor.search as search_mod
+
+    loaded, calib, win, ref = setup
+    params = sum(p.numel() for p in loaded.model.parameters())
+    budget = grid_bytes(loaded.model, "q5_0", "q8_0") * 8 / params
+    kw = dict(grids=GRIDS, mixed=False, progress=False, cache_file=tmp_path / "measured.json")
+    first = search(loaded, Target(max_bpw=budget), calib, win, ref, **kw)
+    calls = []
+    monkeypatch.setattr(search_mod, "_apply", lambda *a, **k: calls.append(a) or 1 / 0)
+    again = search(loaded, Target(max_bpw=budget), calib, win, ref, **kw)
+    assert calls == [] and again["chosen"].label == first["chosen"].label
+    assert [c.kld for c in _built(again)] == [c.kld for c in _built(first)]
+    assert again["context"] is None  # measured before: the CLI builds it again from its recipe
+
+
+def test_sizes_follow_the_fallback_the_exporter_takes(setup):
+    from compactor.api import quantize_
+    from compactor.evaluate.size import gguf_size
+    from compactor.quant.rtn import RTNConfig
+    from compactor.search_space import uniform
+
+    loaded, *_ = setup
+    import copy
+
+    m = copy.deepcopy(loaded.model)
+    quantize_(m, RTNConfig(grid="q4_k"))  # 64-wide rows: llama.cpp's fallback for q4_k
+    assert grid_bytes(loaded.model, "q4_k", "q5_0") == gguf_size(m, embed_type="q5_0")
+    assert uniform(loaded.model, "q4_k", "q5_0", "rtn", 1000).size_bytes == gguf_size(m, embed_type="q5_0") + 1000
 
 
 def test_targets_are_one_kind_and_budgets_must_fit(setup):
@@ -79,16 +146,20 @@ def test_cli_search_writes_the_choice_with_its_recipe(tiny_dir, text_file, tmp_p
     out = tmp_path / "found"
     rc = main(["search", str(tiny_dir), "--max-kld", "1e9", "--grids", "q4_0,q8_0", "--calib-data", str(text_file),
                "--samples", "8", "--calib-window", "64", "--eval-data", str(text_file), "--eval-tokens", "256",
-               "--eval-window", "64", "--json", "--out", str(out)])
+               "--eval-window", "64", "--methods", "gptq", "--embed-types", "q8_0", "--json", "--out", str(out)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
-    assert "chosen: gptq q4_0" in captured.err  # under --json the human output is on stderr
-    assert json.loads(captured.out)["search"]["chosen"]["label"] == "gptq q4_0"
-    recipe = yaml.safe_load((out / "recipe.yaml").read_text())
-    assert recipe["stages"][0]["steps"][0] == {"gptq": recipe["stages"][0]["steps"][0]["gptq"]}
-    assert recipe["stages"][0]["steps"][0]["gptq"]["grid"] == "q4_0"
+    assert "chosen: gptq q4_0, embed q8_0" in captured.err  # under --json the human output is on stderr
+    doc = json.loads(captured.out)
+    assert doc["search"]["chosen"]["label"] == "gptq q4_0, embed q8_0"
+    steps = yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["steps"]
+    assert steps == [{"embedding": steps[0]["embedding"]}, {"gptq": steps[1]["gptq"]}]
+    assert steps[0]["embedding"]["grid"] == "q8_0" and steps[1]["gptq"]["grid"] == "q4_0"
     found = json.loads((out / "search.json").read_text())
-    assert found["chosen"]["label"] == "gptq q4_0" and (out / "report.html").exists()
+    assert found["chosen"]["label"] == "gptq q4_0, embed q8_0" and (out / "report.html").exists()
+    assert not (tmp_path / "found.search").exists()  # the scratch state goes once the answer is written
+    # The written model is the candidate measured: its KLD is the search's.
+    assert doc["results"][0]["kld_mean"] == pytest.approx(found["chosen"]["kld"], rel=1e-4)
 
 
 def test_depth_cuts_are_built_only_where_they_can_matter(setup, text_file):
@@ -107,14 +178,14 @@ def test_depth_cuts_are_built_only_where_they_can_matter(setup, text_file):
         over = grid_bytes(model, g) - budget
         n = -(-over // layer_bytes(model, g))
         if 0 < n <= 1:
-            expected.append(f"drop {int(n)} + heal + gptq {g}")
+            expected.append(f"drop {int(n)} + heal + gptq {g}, embed q8_0")
     cuts = [c for c in res["candidates"] if any("drop_layers" in s for s in c.steps)]
     assert expected and [c.label for c in cuts] == expected
-    assert "drop 1 + heal + gptq q4_0" not in expected  # q4_0 fits whole: no cut of it
+    assert "drop 1 + heal + gptq q4_0, embed q8_0" not in expected  # q4_0 fits whole: no cut of it
     for cut in cuts:
         assert cut.kld is not None and cut.size_bytes <= budget
     cut = cuts[0]
-    assert [next(iter(s)) for s in cut.steps] == ["drop_layers", "distill", "gptq"]
+    assert [next(iter(s)) for s in cut.steps] == ["drop_layers", "distill", "embedding", "gptq"]
     assert cut.steps[1]["distill"]["data"] == str(text_file)  # healed on the calibration text
     chosen = res["chosen"]
     assert chosen.kld == min(c.kld for c in res["candidates"] if c.kld is not None)
@@ -159,6 +230,6 @@ def test_cli_search_with_cuts_writes_a_runnable_recipe(tiny_dir, text_file, tmp_
                "--max-drop", "0.5", "--heal-tokens", "512", "--quiet", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
     steps = yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["steps"]
-    assert [next(iter(s)) for s in steps] == ["drop_layers", "distill", "gptq"]
+    assert [next(iter(s)) for s in steps] == ["drop_layers", "distill", "embedding", "gptq"]
     assert main(["run", str(out / "recipe.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     assert (tmp_path / "again" / "metrics.json").exists()

@@ -205,6 +205,7 @@ def _run_one_stage(args, steps: list[dict], where: str):
 
 def cmd_quantize(args) -> int:
     from compactor.evaluate import table
+    from compactor.recipe.presets import WEIGHT_METHODS, weight_steps
 
     args.grid_default = args.grid is None
     args.grid = args.grid or "q4_0"
@@ -215,25 +216,23 @@ def cmd_quantize(args) -> int:
     if args.grid in GGML_TYPES and (args.group_size is not None or args.bits is not None or args.asym):
         raise CompactorError(f"--group-size, --bits and --asym describe int/nf4 grids; {args.grid}'s "
                              "block geometry is fixed by the GGUF format")
-    if args.method in ("rtn", "gptq", "awq", "awq+gptq") and args.grid_default:
+    if args.method in WEIGHT_METHODS and args.grid_default:
         print(f"grid: {args.grid} (the default; --grid int --group-size 64 for an int grid)")
     grid = {"grid": args.grid, "bits": args.bits or 4, "group_size": args.group_size or 128,
             "symmetric": not args.asym}
-    gptq = {**grid, "act_order": args.act_order, "dampening": args.dampening, "diag_mix": args.diag_mix}
+    gptq = {"act_order": args.act_order, "dampening": args.dampening, "diag_mix": args.diag_mix}
     mixed = {"target_bpw": args.target_bpw, "sensitivity": args.sensitivity, "then": args.then,
              "embeddings": args.sensitivity == "kl" and not args.no_embeddings}
     if args.candidates:
         mixed["candidates"] = args.candidates.split(",")
     int8 = {"grid": "int", "bits": 8, "group_size": -1}
-    steps = {
-        "rtn": [{"rtn": grid}],
-        "gptq": [{"gptq": gptq}],
-        "awq": [{"awq": {**grid, "clip": args.clip}}],
-        "awq+gptq": [{"awq": {**grid, "then": "none"}}, {"gptq": gptq}],
-        "mixed": [{"mixed_precision": mixed}],
-        "w8a8": ([{"smoothquant": {"alpha": args.smooth}}] if args.smooth > 0 else [])
-        + [{"rtn": int8}, {"activations": {"mode": args.act}}],
-    }[args.method]
+    if args.method in WEIGHT_METHODS:
+        steps = weight_steps(args.method, grid, gptq, args.clip)
+    elif args.method == "mixed":
+        steps = [{"mixed_precision": mixed}]
+    else:  # w8a8
+        steps = ([{"smoothquant": {"alpha": args.smooth}}] if args.smooth > 0 else []) \
+            + [{"rtn": int8}, {"activations": {"mode": args.act}}]
     ctx = _run_one_stage(args, steps, "compactor quantize")
     for rep in ctx.reports:
         for note in rep.get("notes", []):
@@ -345,13 +344,16 @@ def cmd_stats(args) -> int:
 
 
 def cmd_search(args) -> int:
-    import tempfile
+    import shutil
 
     from compactor.data.windows import domain_windows, windows_for
     from compactor.evaluate.backends import CachedBackend, TorchBackend
+    from compactor.export.api import tokenizer_gguf_for
+    from compactor.export.gguf import header_bytes
     from compactor.models.load import load_model
     from compactor.recipe import Recipe, run_recipe
-    from compactor.search import GRIDS, Pruning, Target, front_table, search, to_json
+    from compactor.recipe.runner import write_applied
+    from compactor.search import EMBED_TYPES, GRIDS, Pruning, Target, front_table, search, to_json
 
     target = Target(args.max_size, args.max_bpw, args.max_kld, args.max_ppl_ratio)
     loaded = load_model(args.model)
@@ -361,16 +363,25 @@ def cmd_search(args) -> int:
     calib = windows_for(loaded.tokenizer, args.calib_data, args.calib_window,
                         max_tokens=args.samples * args.calib_window)
     grids = tuple(args.grids.split(",")) if args.grids else GRIDS
-    with tempfile.TemporaryDirectory(prefix="compactor-search-") as cache:
-        # The reference's logits once, on disk; every candidate is scored against them.
-        ref = CachedBackend(TorchBackend(loaded.model, "reference"), half=True, directory=cache)
-        # Cuts heal on the calibration text, in its window length.
-        pruning = (Pruning(max_drop=args.max_drop, heal_tokens=args.heal_tokens, heal_window=args.calib_window)
-                   if args.allow_pruning else None)
-        result = search(loaded, target, calib, win, ref, grids=grids, methods=tuple(args.methods.split(",")),
-                        mixed=not args.no_mixed, progress=not args.quiet, pruning=pruning,
-                        model_spec=args.model, calib_spec=args.calib_data, eval_spec=args.eval_data,
-                        work_dir=Path(cache) / "candidates")
+    embeds = tuple(args.embed_types.split(",")) if args.embed_types else EMBED_TYPES
+    # The search's state lives beside the output until the choice is written: the reference's
+    # logits (computed once) and every candidate's measurement, which --resume reuses.
+    state = Path(str(Path(args.out).resolve()) + ".search")
+    if state.exists() and not args.resume:
+        shutil.rmtree(state)
+    state.mkdir(parents=True, exist_ok=True)
+    if args.resume:
+        print(f"resuming from {state}")
+    ref = CachedBackend(TorchBackend(loaded.model, "reference"), half=True, directory=state / "reference")
+    header = header_bytes(loaded.model, loaded.tokenizer, tokenizer_gguf_for(loaded), loaded.adapter)
+    # Cuts heal on the calibration text, in its window length.
+    pruning = (Pruning(max_drop=args.max_drop, heal_tokens=args.heal_tokens, heal_window=args.calib_window)
+               if args.allow_pruning else None)
+    result = search(loaded, target, calib, win, ref, grids=grids, embeds=embeds,
+                    methods=tuple(args.methods.split(",")), mixed=not args.no_mixed, top=args.top,
+                    progress=not args.quiet, pruning=pruning, model_spec=args.model, calib_spec=args.calib_data,
+                    eval_spec=args.eval_data, work_dir=state / "candidates", header=header,
+                    cache_file=state / "measured.json")
     table = front_table(result)
     chosen = result["chosen"]
     print(table)
@@ -380,9 +391,14 @@ def cmd_search(args) -> int:
             "eval": {"data": args.eval_data, "tokens": args.eval_tokens, "window": args.eval_window, "speed": False},
             "calibration": {"data": args.calib_data, "samples": args.samples, "window": args.calib_window},
             "stages": [{"name": chosen.label, "steps": chosen.steps}]}
-    ctx = run_recipe(Recipe.from_dict(data, where="compactor search"), out=args.out, overwrite=args.force)
+    recipe = Recipe.from_dict(data, where="compactor search")
+    if result["context"] is not None:  # built in this process: written as it is, not built again
+        ctx = write_applied(result["context"], recipe, args.out, overwrite=args.force, progress=not args.quiet)
+    else:  # measured before a resume: the recipe builds it again
+        ctx = run_recipe(recipe, out=args.out, overwrite=args.force)
     (Path(ctx.out_dir) / "search.json").write_text(to_json(result))
     (Path(ctx.out_dir) / "search.md").write_text("# compactor search\n\n" + table + "\n")
+    shutil.rmtree(state, ignore_errors=True)  # the answer is written: its scratch state goes
     set_result(args, out_dir=str(ctx.out_dir), search=json.loads(to_json(result)),
                results=[r.to_dict() for r in ctx.results])
     print(f"wrote {ctx.out_dir} (the chosen model, recipe.yaml for `compactor run`, search.json, search.md, "
@@ -429,7 +445,8 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize weights (RTN, GPTQ, AWQ, mixed precision) on an int, "
                        "NF4 or GGUF grid, or weights + activations (W8A8)")
     q.add_argument("model")
-    q.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq", "mixed", "w8a8"], default="gptq")
+    q.add_argument("--method", choices=["rtn", "gptq", "awq", "awq+gptq", "mixed", "w8a8"], default="gptq",
+                   help="quantization method (default gptq)")
     q.add_argument("--grid", default=None, help="int, nf4, or a GGUF type: q8_0 q5_0 q5_1 q4_0 q4_1 "
                    "iq4_nl q6_k q5_k q4_k q3_k q2_k (default q4_0: its 32-wide blocks divide every "
                    "common row width)")
@@ -533,8 +550,18 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-bpw", type=float, default=None, help="size budget in bits per weight")
     se.add_argument("--max-kld", type=float, default=None, help="quality floor: mean KLD against the original")
     se.add_argument("--max-ppl-ratio", type=float, default=None, help="quality floor: PPL / the original's PPL")
-    se.add_argument("--grids", default=None, help="GGUF grids to try, comma-separated (default q2_k..q8_0)")
-    se.add_argument("--methods", default="rtn,gptq", help="methods per grid, cheapest first (default rtn,gptq)")
+    se.add_argument("--grids", default=None,
+                    help="GGUF grids for the decoder linears, comma-separated (default q2_k..q8_0 with iq4_nl)")
+    se.add_argument("--methods", default="rtn,gptq,awq+gptq",
+                    help="methods per grid, cheapest first; the first ranks configurations for the others "
+                         "(default rtn,gptq,awq+gptq)")
+    se.add_argument("--embed-types", default=None,
+                    help="embedding (tied head) types to try, comma-separated (default q4_0,q5_0,q8_0)")
+    se.add_argument("--top", type=int, default=1,
+                    help="configurations (grid + embedding type) the calibrated methods are built on, "
+                         "best by the first method first (default 1)")
+    se.add_argument("--resume", action="store_true",
+                    help="reuse the measurements of an interrupted search with the same --out")
     se.add_argument("--no-mixed", action="store_true", help="leave the mixed-precision planner out of a budget search")
     se.add_argument("--allow-pruning", action="store_true",
                     help="also try depth cuts (least-influence layers dropped, healed by distillation, then GPTQ)")

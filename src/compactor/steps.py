@@ -4,6 +4,7 @@ from compactor.evaluate import step as _evaluate  # noqa: F401
 from compactor.quant import awq as _awq  # noqa: F401
 from compactor.quant import gptq as _gptq  # noqa: F401
 from compactor.quant import rtn as _rtn  # noqa: F401
+from compactor.quant import embedding as _embedding  # noqa: F401
 from compactor.quant import activations as _activations  # noqa: F401
 from compactor.quant import smoothquant as _smoothquant  # noqa: F401
 from compactor.quant import mixed as _mixed  # noqa: F401

@@ -172,3 +172,16 @@ def test_gemma3_layouts_llamacpp_would_run_differently_are_refused(tmp_path, tok
     with pytest.raises(CompactorError, match="RoPE base 50000"):
         export_gguf(m, tmp_path / "b.gguf", tokenizer=tok, progress=False)
     assert not list(tmp_path.iterdir())
+
+
+def test_header_and_tensor_bytes_predict_the_file_size(tmp_path, tok):
+    from compactor.evaluate.size import gguf_size
+    from compactor.export.gguf import header_bytes
+
+    m = tiny_model("llama")
+    quantize_(m, RTNConfig(grid="q4_0"))
+    predicted = gguf_size(m, embed_type="q5_0") + header_bytes(m, tok)
+    exp = export_gguf(m, tmp_path / "m.gguf", types=GGUFTypes(embed="q5_0"), tokenizer=tok, progress=False)
+    n_tensors = len(gguf.GGUFReader(str(exp.path)).tensors)
+    # An upper bound (names, dimensions and alignment bounded per tensor), and a tight one.
+    assert exp.path.stat().st_size <= predicted < exp.path.stat().st_size + 120 * n_tensors

@@ -28,6 +28,11 @@ def _stored(model: torch.nn.Module):
             yield None, t
 
 
+def stored_tensors(model: torch.nn.Module) -> int:
+    """How many tensors ``model`` stores (a quantized module's codes as one, tied ones once)."""
+    return sum(1 for _ in _stored(model))
+
+
 def model_size(model: torch.nn.Module) -> tuple[int, int]:
     """(storage bytes, parameter count) of a model; tied tensors counted once.
 

@@ -217,12 +217,7 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
                 f"{heads * hd} (attention heads were cut): it cannot run there; export "
                 "compressed-tensors or ONNX, or cut MLP channels/layers instead")
     name_map = gguf.get_tensor_name_map(arch, cfg.num_hidden_layers)
-    if tokenizer_gguf is not None:
-        tok_keys = tokenizer_from_gguf(Path(tokenizer_gguf), cfg.vocab_size)
-    elif tokenizer is not None:
-        tok_keys = tokenizer_from_transformers(tokenizer, cfg.vocab_size)
-    else:
-        raise CompactorError("GGUF export needs a tokenizer: pass the transformers tokenizer or a GGUF to copy it from")
+    tok_keys = _tokenizer_keys(cfg, tokenizer, tokenizer_gguf)
 
     records: list[TensorRecord] = []
     notes: list[str] = []
@@ -242,15 +237,7 @@ def export_gguf(model, path: str | Path, *, types: GGUFTypes | None = None, toke
         records.append(TensorRecord("rope_freqs.weight", "(llama3 RoPE scaling)", "f32", factors.size,
                                     factors.nbytes, "float"))
     with atomic_file(path) as tmp:
-        writer.add_string("general.name", getattr(cfg, "_name_or_path", "") or "compactor model")
-        writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
-        writer.add_uint32("general.file_type", _file_type(records))
-        for key, (value, vtype) in arch_metadata(cfg, adapter.gguf_arch, str(path), adapter.gguf_keys).items():
-            writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
-        for key, value, vtype, sub in tok_keys:
-            writer.add_key_value(key, value, vtype, sub_type=sub)
-        for key, value in provenance_metadata(provenance or {}).items():
-            writer.add_string(key, value)
+        _add_metadata(writer, cfg, adapter, str(path), tok_keys, _file_type(records), provenance)
         writer.write_header_to_file(path=tmp)
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
@@ -303,6 +290,59 @@ def _pack_all(model, adapter, store, types, cfg, name_map, path, embed_w, record
         if note:
             notes.append(note)
 
+
+
+def _tokenizer_keys(cfg, tokenizer, tokenizer_gguf) -> list:
+    if tokenizer_gguf is not None:
+        return tokenizer_from_gguf(Path(tokenizer_gguf), cfg.vocab_size)
+    if tokenizer is not None:
+        return tokenizer_from_transformers(tokenizer, cfg.vocab_size)
+    raise CompactorError("GGUF export needs a tokenizer: pass the transformers tokenizer or a GGUF to copy it from")
+
+
+def _add_metadata(writer, cfg, adapter: Adapter, where: str, tok_keys: list, file_type: int,
+                  provenance: dict | None) -> None:
+    """The key/value section: general keys, the architecture's, the tokenizer's, provenance."""
+    import gguf
+
+    writer.add_string("general.name", getattr(cfg, "_name_or_path", "") or "compactor model")
+    writer.add_uint32("general.quantization_version", gguf.GGML_QUANT_VERSION)
+    writer.add_uint32("general.file_type", file_type)
+    for key, (value, vtype) in arch_metadata(cfg, adapter.gguf_arch, where, adapter.gguf_keys).items():
+        writer.add_key_value(key, value, gguf.GGUFValueType[vtype])
+    for key, value, vtype, sub in tok_keys:
+        writer.add_key_value(key, value, vtype, sub_type=sub)
+    for key, value in provenance_metadata(provenance or {}).items():
+        writer.add_string(key, value)
+
+
+#: Upper bound on one tensor's entry in a GGUF header: its name (<= 64 bytes) with length,
+#: dimension count, up to 4 dimensions, type, offset; plus up to 31 bytes of data alignment.
+_TENSOR_INFO_BYTES = 8 + 64 + 4 + 4 * 8 + 4 + 8 + 31
+
+
+def header_bytes(model, tokenizer=None, tokenizer_gguf=None, adapter: Adapter | None = None,
+                 provenance: dict | None = None) -> int:
+    """Bytes a GGUF export of ``model`` adds around its tensor data (the key/value section
+    with the tokenizer, and the tensor infos, bounded from above): with the tensor bytes
+    (:func:`compactor.evaluate.size.gguf_size`) the size of the file, known before export."""
+    import tempfile
+
+    import gguf
+
+    adapter = adapter or adapter_for(model)
+    cfg = model.config
+    tok_keys = _tokenizer_keys(cfg, tokenizer, tokenizer_gguf)
+    with tempfile.TemporaryDirectory(prefix="compactor-header-") as d:
+        writer = gguf.GGUFWriter(str(Path(d) / "h.gguf"), adapter.gguf_arch)
+        _add_metadata(writer, cfg, adapter, "model", tok_keys, 0, provenance)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        kv = (Path(d) / "h.gguf").stat().st_size
+    from compactor.evaluate.size import stored_tensors
+
+    return kv + (stored_tensors(model) + 1) * _TENSOR_INFO_BYTES  # + llama3's rope_freqs
 
 
 def _count(notes: list[str]) -> list[str]:

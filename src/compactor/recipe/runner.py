@@ -229,6 +229,22 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
     return ctx
 
 
+def write_applied(ctx: RunContext, recipe: Recipe, out: str | Path, overwrite: bool = False,
+                  progress: bool = True) -> RunContext:
+    """Write the output directory for a model that ``recipe``'s single stage was already
+    applied to in ``ctx`` (the search keeps its chosen candidate): the stage is evaluated
+    against the reference and written as :func:`run_recipe` writes it."""
+    started = time.time()
+    ctx.recipe, ctx.stage, ctx.modified = recipe, recipe.stages[-1].name, True
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        ctx.out_dir = tmp
+        ctx.results.append(evaluate(ctx.loaded, ctx.eval_windows(), reference=ctx.reference_scorer(),
+                                    speed=recipe.eval.speed, name=ctx.stage, progress=progress))
+        _write_outputs(ctx, tmp, started)
+    ctx.out_dir = Path(out)
+    return ctx
+
+
 def apply_step(ctx: RunContext, cfg, progress: bool = True, lead: bool = True) -> bool:
     """Run one step's config in ``ctx``; True if it changes the model. ``lead``: this
     process evaluates and writes (rank 0 under torchrun); evaluation steps are skipped elsewhere."""
