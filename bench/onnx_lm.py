@@ -53,8 +53,11 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--redo", nargs="*", default=[],
+                    help="with --resume: measure again the rows whose names contain any of these")
     args = ap.parse_args()
     rows = stored_rows(JSON, args.resume or args.table_only)
+    rows = [r for r in rows if not any(s in r["name"] for s in args.redo)]
     if args.table_only:
         return render(rows)
     prov = provenance()

@@ -113,3 +113,31 @@ def test_embedding_and_head_in_q8_0_blocks(tmp_path, tok, tied):
     assert ("head_q8_B" in inits) != tied  # a tied head reads the lookup's codes (stored once)
     # Untouched by verification: the model in memory keeps its float embedding.
     assert torch.equal(m.get_input_embeddings().weight, before)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2", "phi3"])
+def test_one_graph_scores_prefills_and_decodes_on_its_cache(tmp_path, tok, family):
+    """The KV-cache graph: a whole window in one call, and the same window as a generator
+    runs it (prompt, then one token per call on the returned cache), both equal torch."""
+    import numpy as np
+
+    from compactor.export.onnx import OnnxBackend
+
+    torch.manual_seed(5)
+    win = make_windows(torch.randint(0, 258, (2 * 40,)), 40)
+    m = tiny_model(family)
+    quantize_(m, RTNConfig(grid="q4_0"))
+    res = export_model(LoadedModel(m, tok, adapter_for(m), "tiny"), "onnx", tmp_path / "o", windows=win,
+                       progress=False)
+    v = res.verification
+    assert v["passed"] and v["decode_passed"] and v["decode_kld_mean"] < 1e-5 and v["decode_tokens"] == 12
+    be = OnnxBackend(tmp_path / "o" / "model.onnx")
+    assert len(be.past) == 2 * m.config.num_hidden_layers
+    ids = win.input_ids[1][:20]
+    want = be.window_logits(ids)  # (the graph's embedding is Q8_0: torch's is compared in verification)
+    assert torch.allclose(be.decode_logits(ids, prompt=3), want, atol=1e-4)
+    # The cache carries the context: decoding the last token without it gives other logits.
+    last, _ = be.step(ids[None, -1:].numpy())
+    assert not np.allclose(last[0, -1], want[-1].numpy(), atol=1e-2)
+    speed = be.speed(prompt_len=16, gen_tokens=4, repeats=1)
+    assert speed["decode_tok_s"] > 0 and speed["gen_tokens"] == 4

@@ -1,4 +1,11 @@
-"""ONNX export (``input_ids [batch, seq] -> logits [batch, seq, vocab]``) checked in onnxruntime.
+"""ONNX export of a causal LM with its KV cache, checked in onnxruntime.
+
+One graph serves scoring, prefill and decoding (no second copy of the weights):
+``input_ids [batch, seq]`` and, per layer ``i``, ``past_key_values.i.key`` / ``.value``
+``[batch, kv_heads, past, head_dim]`` (``past`` may be 0: a prompt) in; ``logits [batch,
+seq, vocab]`` and ``present.i.key`` / ``.value`` (the past with this call's positions
+appended) out — the names onnxruntime-genai and optimum use. Positions continue from the
+past's length; no padding (one sequence, or equal lengths).
 
 The graph is traced with torch's dynamo exporter (the TorchScript exporter cannot lower
 transformers' mask code). Quantized linears on 4-bit symmetric grids (GGUF Q4_0, int4 per
@@ -6,7 +13,7 @@ group) then carry their codes and scales into onnxruntime's ``MatMulNBits``
 (:mod:`compactor.export.onnx_nbits`); other grids keep their dequantized weights (ONNX has no
 ggml block types), and the summary says which. ``int8=True`` then applies onnxruntime's own dynamic int8
 quantization (``quantize_dynamic``: per-channel int8 weights, activations quantized per
-batch at run time) and keeps both files. No KV cache: this graph scores or prefills.
+batch at run time) and keeps both files.
 """
 
 from __future__ import annotations
@@ -25,13 +32,38 @@ from compactor.quant.storage import dequantized_view
 MAX_KLD_FLOAT, MAX_KLD_INT8 = 1e-4, 0.5
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
+class _Step(torch.nn.Module):
+    """``(input_ids, past tensors) -> (logits, present tensors)`` through transformers' own
+    cache, so the traced attention is the model's (every family of the adapter table)."""
 
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids, use_cache=False).logits
+    def __init__(self, model, n_layers: int):
+        super().__init__()
+        self.model, self.n_layers = model, n_layers
+
+    def forward(self, input_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for i in range(self.n_layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def cache_geometry(model) -> list[tuple[int, int]]:
+    """(kv_heads, head_dim) of each layer's cache, read from one forward of the model itself."""
+    with torch.no_grad():
+        out = model(input_ids=torch.zeros((1, 2), dtype=torch.long), use_cache=True)
+    return [(int(la.keys.shape[1]), int(la.keys.shape[3])) for la in out.past_key_values.layers]
+
+
+def past_names(n_layers: int) -> tuple[list[str], list[str]]:
+    """The graph's cache inputs and outputs, in order (key, value per layer)."""
+    ins = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
+    return ins, [n.replace("past_key_values", "present") for n in ins]
 
 
 def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_0") -> dict:
@@ -48,17 +80,25 @@ def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_
     out_dir = Path(out_dir)
     path = out_dir / "model.onnx"
     ids = torch.zeros((1, 16), dtype=torch.long)
-    seq = torch.export.Dim("seq", min=2, max=int(getattr(model.config, "max_position_embeddings", 4096)))
+    ctx_len = int(getattr(model.config, "max_position_embeddings", 4096))
+    seq = torch.export.Dim("seq", min=1, max=ctx_len)
+    past_len = torch.export.Dim("past", min=0, max=ctx_len)
     batch = torch.export.Dim("batch", max=1024)
     with dequantized_view(model), torch.no_grad():
+        geometry = cache_geometry(model)
+        # Traced with a past of 5 positions (0 and 1 would be specialized); runs with any.
+        past = tuple(torch.zeros((1, h, 5, d)) for h, d in geometry for _ in range(2))
+        ins, outs = past_names(len(geometry))
         try:
-            torch.onnx.export(_Logits(model).eval(), (ids,), str(path), input_names=["input_ids"],
-                              output_names=["logits"], dynamo=True, external_data=False,
-                              dynamic_shapes=({0: batch, 1: seq},), verbose=False)
+            torch.onnx.export(_Step(model, len(geometry)).eval(), (ids, past), str(path),
+                              input_names=["input_ids", *ins], output_names=["logits", *outs], dynamo=True,
+                              external_data=False, verbose=False,
+                              dynamic_shapes=({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past)))
         except Exception as exc:  # the exporter raises many types; name the model and cause
             raise CompactorError(f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: "
                                  f"{str(exc).splitlines()[0][:300]}") from None
-    summary = {"file": path.name}
+    summary = {"file": path.name, "kv_cache": {"layers": len(geometry), "kv_heads": geometry[0][0],
+                                               "head_dim": geometry[0][1]}}
     from compactor.export.onnx_nbits import rewrite_matmul_nbits
     from compactor.quant.qlinear import QuantizedLinear
 
@@ -86,7 +126,7 @@ def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_
 
 
 class OnnxBackend:
-    """An ONNX graph in onnxruntime, as an evaluation backend."""
+    """An ONNX graph in onnxruntime, as an evaluation backend (with its KV cache, if it has one)."""
 
     kind = "onnxruntime"
 
@@ -102,20 +142,58 @@ class OnnxBackend:
         self.params = 0
         out = self.session.get_outputs()[0]
         self.vocab_size = int(out.shape[-1]) if isinstance(out.shape[-1], int) else 0
+        # Cache inputs: [batch, kv_heads, past, head_dim], heads and width fixed in the graph.
+        self.past = [(i.name, int(i.shape[1]), int(i.shape[3])) for i in self.session.get_inputs()
+                     if i.name.startswith("past_key_values.")]
+
+    def empty_past(self, batch: int = 1) -> dict:
+        """A zero-length cache: the graph then scores (or prefills) its input alone."""
+        return {n: np.zeros((batch, h, 0, d), dtype=np.float32) for n, h, d in self.past}
+
+    def step(self, ids: np.ndarray, past: dict | None = None) -> tuple[np.ndarray, dict]:
+        """One call: logits ``[batch, seq, vocab]`` and the cache with ``ids`` appended."""
+        feeds = {"input_ids": ids.astype(np.int64)}
+        if self.past:
+            feeds.update(self.empty_past(ids.shape[0]) if past is None else past)
+        out = self.session.run(None, feeds)
+        present = {n: t for (n, _, _), t in zip(self.past, out[1:])}
+        return out[0], present
 
     def window_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.step(ids.to(torch.int64).numpy()[None])
+        return torch.from_numpy(np.asarray(logits[0], dtype=np.float32))
+
+    def decode_logits(self, ids: torch.Tensor, prompt: int) -> torch.Tensor:
+        """Logits of ``ids [seq]`` computed as a generator does: the first ``prompt`` tokens
+        in one call, then one token per call on the growing cache."""
         arr = ids.to(torch.int64).numpy()[None]
-        return torch.from_numpy(np.asarray(self.session.run(None, {"input_ids": arr})[0][0], dtype=np.float32))
+        first, past = self.step(arr[:, :prompt])
+        rows = [first[0]]
+        for t in range(prompt, arr.shape[1]):
+            logits, past = self.step(arr[:, t:t + 1], past)
+            rows.append(logits[0])
+        return torch.from_numpy(np.concatenate(rows).astype(np.float32))
 
     def speed(self, prompt_len: int = 512, gen_tokens: int = 128, repeats: int = 3) -> dict:
-        """Median prefill throughput (tokens/s) of one ``prompt_len`` window. This graph has
-        no KV cache, so there is no decode figure: each new token would re-run the prefix."""
+        """Median prefill throughput of one ``prompt_len`` window and, with a KV cache, the
+        median decode throughput of ``gen_tokens`` greedy tokens after it (tokens/s)."""
         from compactor.evaluate.backends import _median_time
 
-        ids = {"input_ids": np.zeros((1, prompt_len), dtype=np.int64)}
-        self.session.run(None, ids)  # warm-up: onnxruntime plans its buffers on the first run
-        return {"prefill_tok_s": prompt_len / _median_time(lambda: self.session.run(None, ids), repeats),
-                "decode_tok_s": None, "prompt_len": prompt_len}
+        ids = np.zeros((1, prompt_len), dtype=np.int64)
+        self.step(ids)  # warm-up: onnxruntime plans its buffers on the first run
+        prefill = prompt_len / _median_time(lambda: self.step(ids), repeats)
+        if not self.past:
+            return {"prefill_tok_s": prefill, "decode_tok_s": None, "prompt_len": prompt_len}
+        logits, cache = self.step(ids)
+
+        def generate():
+            past, tok = cache, np.argmax(logits[:, -1], -1)[:, None]
+            for _ in range(gen_tokens):
+                out, past = self.step(tok, past)
+                tok = np.argmax(out[:, -1], -1)[:, None]
+
+        return {"prefill_tok_s": prefill, "decode_tok_s": gen_tokens / _median_time(generate, repeats),
+                "prompt_len": prompt_len, "gen_tokens": gen_tokens}
 
 
 def verify_onnx(model, path: Path, windows, int8: bool = False) -> dict:
@@ -127,5 +205,23 @@ def verify_onnx(model, path: Path, windows, int8: bool = False) -> dict:
     be.vocab_size = be.vocab_size or model.config.vocab_size
     res = evaluate(be, windows, reference=model, speed=False, progress=False)
     max_kld = MAX_KLD_INT8 if int8 else MAX_KLD_FLOAT
-    return {"runtime": "onnxruntime", "kld_mean": res.kld_mean, "kld_p99": res.kld_p99, "top1": res.top1,
-            "tokens": res.tokens, "max_kld": max_kld, "passed": res.kld_mean <= max_kld}
+    out = {"runtime": "onnxruntime", "kld_mean": res.kld_mean, "kld_p99": res.kld_p99, "top1": res.top1,
+           "tokens": res.tokens, "max_kld": max_kld, "passed": res.kld_mean <= max_kld}
+    if be.past:  # the cache path a generator takes must compute the same logits
+        out.update(_verify_decode(model, be, windows, max_kld))
+        out["passed"] = out["passed"] and out["decode_passed"]
+    return out
+
+
+def _verify_decode(model, be: OnnxBackend, windows, max_kld: float, tokens: int = 24) -> dict:
+    """KLD between the in-memory model's logits and the graph's, computed token by token on
+    its own cache (a prompt of half the window's first ``tokens``, then one token a call)."""
+    from compactor.evaluate.metrics import kl_per_token
+
+    ids = windows.input_ids[0][:tokens]
+    with torch.no_grad():
+        want = model(input_ids=ids[None]).logits[0].float()
+    got = be.decode_logits(ids, prompt=len(ids) // 2)
+    kld = float(kl_per_token(want, got).mean())
+    return {"decode_kld_mean": kld, "decode_tokens": len(ids) - len(ids) // 2,
+            "decode_passed": kld <= max_kld}
