@@ -60,3 +60,25 @@ def test_concat_columns_is_the_fit_of_the_whole():
     assert both.shape == (5, 24)
     assert torch.equal(both.quantize(w)[:, :12], a.quantize(w[:, :12]))
     assert torch.equal(both.quantize(w)[:, 12:], b.quantize(w[:, 12:]))
+
+
+def test_nearest_code_equals_the_naive_argmin_up_to_rounded_ties():
+    import torch
+
+    from compactor.primitives.ggml import iq4nl_levels
+    from compactor.primitives.qparams import nearest_code
+
+    g = torch.Generator().manual_seed(0)
+    for cb in (iq4nl_levels().float(), torch.linspace(-1, 1, 16), torch.tensor([3.0, -1.0, 0.5])):
+        y = torch.randn(4000, generator=g) * float(cb.abs().max()) * 1.3
+        s = cb.sort().values
+        y[:len(s) - 1] = (s[1:] + s[:-1]) / 2  # exactly on the midpoints: the lower code wins
+        naive = (y[..., None] - cb).abs().argmin(-1)
+        got = nearest_code(y, cb)
+        differ = got != naive
+        # Only where both codes are equally near up to float rounding (a rounded midpoint).
+        dist = (y[..., None] - cb).abs()
+        gap = (dist.gather(-1, got[:, None]) - dist.gather(-1, naive[:, None])).abs().squeeze(-1)
+        assert bool((gap[differ] <= 1e-6 * cb.abs().max()).all())
+        assert int(differ.sum()) <= 3 and torch.equal(nearest_code(y.reshape(40, 100), cb), got.reshape(40, 100))
+        assert torch.equal(cb[got[:len(s) - 1]], s[:-1]) or cb.numel() < 16  # midpoints: the lower code

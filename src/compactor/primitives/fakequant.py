@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from compactor.primitives.grids import FP8_E4M3_MAX
+from compactor.primitives.qparams import nearest_code
 
 
 class _RoundToLevel(torch.autograd.Function):
@@ -29,7 +30,7 @@ class _RoundToLevel(torch.autograd.Function):
             level = torch.round(y).clamp(qmin, qmax)  # the same ops as QParams.quantize
             lo, hi = float(qmin), float(qmax)
         else:
-            level = codebook[(y[..., None] - codebook).abs().argmin(-1)]
+            level = codebook[nearest_code(y, codebook)]
             lo, hi = float(codebook.min()), float(codebook.max())
         ctx.save_for_backward((y >= lo) & (y <= hi))
         return level

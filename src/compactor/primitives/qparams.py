@@ -21,6 +21,19 @@ from typing import Any
 import torch
 
 
+def nearest_code(y: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the codebook entry nearest to each element of ``y``. For an ascending
+    codebook (IQ4_NL's, NF4's) a binary search between midpoints — no ``[..., levels]``
+    temporary, about 4x faster than ``(y[..., None] - codebook).abs().argmin(-1)`` — where
+    ``y`` on a midpoint takes the lower code. It can differ from that argmin only where the
+    two distances are equal up to float rounding (an ulp from a midpoint). Every quantizer
+    and the fake quantization use this one function, so they agree exactly."""
+    cb = codebook.to(y.dtype)
+    if cb.numel() > 1 and bool((cb[1:] > cb[:-1]).all()):
+        return torch.bucketize(y.contiguous(), ((cb[1:] + cb[:-1]) / 2).contiguous())
+    return (y[..., None] - cb).abs().argmin(-1)
+
+
 @dataclass
 class QParams:
     """Fixed quantization parameters for a 2-D weight ``[out, in]``.
@@ -62,7 +75,7 @@ class QParams:
         if self.codebook is None:
             q = torch.round(y).clamp(self.qmin, self.qmax)
         else:
-            q = (y[..., None] - self.codebook).abs().argmin(-1)
+            q = nearest_code(y, self.codebook)
         return q.to(torch.int32)
 
     def dequantize(self, q: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
@@ -97,7 +110,7 @@ class QParams:
             q = torch.round(y).clamp(self.qmin, self.qmax)
             level = q
         else:
-            q = (y[:, None] - self.codebook).abs().argmin(-1)
+            q = nearest_code(y, self.codebook)
             level = self.codebook[q]
         v = s * level
         if off is not None:

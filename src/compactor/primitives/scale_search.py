@@ -12,6 +12,8 @@ import functools
 
 import torch
 
+from compactor.primitives.qparams import nearest_code
+
 #: blocks searched at a time: every block is independent, and a chunk whose temporaries fit
 #: in cache (32k blocks of 32 weights: 4 MB each) runs faster than whole-matrix passes, with
 #: memory bounded whatever the matrix (an 8B model's MLP weight has 1.8 M blocks)
@@ -127,7 +129,7 @@ def search_codebook(x: torch.Tensor, w: torch.Tensor, levels: torch.Tensor,
     for k in range(-steps, steps + 1):
         iscale = (lv[0] + k) / safe  # k steps away from mapping mx to the first level
         y = iscale[:, None] * x
-        q = (y[..., None] - lv).abs().argmin(-1)
+        q = nearest_code(y, lv)
         L = lv[q]
         d = _ls_scale(x, w, L)
         err = (w * (x - d[:, None] * L) ** 2).sum(-1)
