@@ -77,6 +77,7 @@ def main() -> None:
     ap.add_argument("--only", choices=["llamacpp", "ours"], default=None)
     ap.add_argument("--types", nargs="*", default=list(LLAMACPP), help="llama.cpp types to make")
     ap.add_argument("--methods", nargs="*", default=None, help="only our rows of these methods (e.g. mixed gptq)")
+    ap.add_argument("--grids", nargs="*", default=None, help="only our rows on these grids (e.g. q4_0)")
     args = ap.parse_args()
     work = home() / "bench" / "vs_llamacpp"
     work.mkdir(parents=True, exist_ok=True)
@@ -135,7 +136,8 @@ def _one_calibration(args, ref, ref_params, win, calib, spec, cached_ref, rows, 
     if args.only != "llamacpp":
         dtype = calibration_dtype("auto")
         for method, grid, embeds in OURS:
-            if args.methods is not None and method not in args.methods:
+            if (args.methods is not None and method not in args.methods) or \
+                    (args.grids is not None and grid not in args.grids):
                 continue
             todo = [e for e in embeds if (_our_name(method, grid, e), spec) not in done]
             if not todo:

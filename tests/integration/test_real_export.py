@@ -78,6 +78,8 @@ def test_onnx_q4_0_codes_in_matmul_nbits(smol, tmp_path):
     res = export_model(loaded, "onnx", tmp_path / "onnx", windows=win, progress=False)
     assert res.summary["matmul_nbits"] == 210 and not res.summary["kept_float"]
     assert res.verification["passed"] and res.verification["kld_mean"] < 1e-4
+    # The graph's KV cache: decoding token by token on it gives the in-memory model's logits.
+    assert res.verification["decode_passed"] and res.verification["decode_kld_mean"] < 1e-4
     # 4.5-bit linears and the embedding (tied head, stored once) in Q8_0: a fifth of the float
     # graph (with a float32 embedding it was 184 MB). ~10 MB over the GGUF's 91.7: the block
     # scales are float32 (the operators take A's type), fp16 in the GGUF.
