@@ -111,6 +111,8 @@ def test_an_interrupted_search_resumes_without_measuring_again(setup, tmp_path, 
     assert calls == [] and again["chosen"].label == first["chosen"].label
     assert [c.kld for c in _built(again)] == [c.kld for c in _built(first)]
     assert again["context"] is None  # measured before: the CLI builds it again from its recipe
+    with pytest.raises(CompactorError, match="other settings"):
+        search(loaded, Target(max_bpw=budget), calib, win, ref, **kw, settings={"eval_tokens": 1})
 
 
 def test_sizes_follow_the_fallback_the_exporter_takes(setup):

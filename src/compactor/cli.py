@@ -381,7 +381,10 @@ def cmd_search(args) -> int:
                     methods=tuple(args.methods.split(",")), mixed=not args.no_mixed, top=args.top,
                     progress=not args.quiet, pruning=pruning, model_spec=args.model, calib_spec=args.calib_data,
                     eval_spec=args.eval_data, work_dir=state / "candidates", header=header,
-                    cache_file=state / "measured.json")
+                    cache_file=state / "measured.json",
+                    settings={k: getattr(args, k) for k in ("model", "calib_data", "samples", "calib_window",
+                                                            "eval_data", "eval_tokens", "eval_window",
+                                                            "eval_stride", "bos")})
     table = front_table(result)
     chosen = result["chosen"]
     print(table)

@@ -59,13 +59,15 @@ def _key(c: Candidate) -> str:
 def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, embeds=EMBED_TYPES,
            methods=METHODS, mixed: bool = True, top: int = 1, progress: bool = True,
            pruning: Pruning | None = None, model_spec: str | None = None, calib_spec: str | None = None,
-           eval_spec: str = "domains", work_dir=None, header: int = 0, cache_file=None) -> dict:
+           eval_spec: str = "domains", work_dir=None, header: int = 0, cache_file=None,
+           settings: dict | None = None) -> dict:
     """Run the search (see the module docstring) on ``loaded`` (a LoadedModel in memory).
     ``reference``: a cached backend of the original. ``header``: the GGUF header's bytes,
     added to every size. ``top``: configurations the calibrated methods are built on.
     ``pruning``: also try depth cuts (``model_spec`` names the original in their recipe;
     they heal on ``pruning.heal_data``, else ``calib_spec``). ``cache_file``: measurements
-    kept as they finish and reused (resume). Returns {"candidates", "front", "chosen", "params",
+    kept as they finish and reused (resume) when they were made with the same ``settings``
+    (what else decides a measurement: the model, calibration and evaluation text). Returns {"candidates", "front", "chosen", "params",
     "context"}: ``context``, the recipe-runner context holding the chosen candidate's model
     when this process built it (None when it was measured before a resume)."""
     import dataclasses
@@ -106,7 +108,11 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
 
     scratch = tempfile.TemporaryDirectory(prefix="compactor-search-") if work_dir is None else None
     work = Path(work_dir) if work_dir is not None else Path(scratch.name)
-    cache = json.loads(Path(cache_file).read_text()) if cache_file and Path(cache_file).exists() else {}
+    stored = json.loads(Path(cache_file).read_text()) if cache_file and Path(cache_file).exists() else {}
+    if stored and stored.get("settings") != settings:
+        raise CompactorError(f"search: {cache_file} holds measurements made with other settings "
+                             f"({stored.get('settings')}); run again without --resume")
+    cache = stored.get("measured", {})
     built = itertools.count()  # one work directory per candidate built
     kept: list = [None, None]  # (candidate, its RunContext) of the best measured in this process
 
@@ -136,7 +142,7 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
                 cache[_key(c)] = {"label": c.label, "kld": c.kld, "ppl_ratio": c.ppl_ratio,
                                   "seconds": c.seconds, "fields": c.fields}
                 with atomic_file(cache_file) as tmp:
-                    Path(tmp).write_text(json.dumps(cache, indent=1))
+                    Path(tmp).write_text(json.dumps({"settings": settings, "measured": cache}, indent=1))
         if progress:
             print(f"  {c.label}: {c.size_bytes / 1e6:.2f} MB, KLD {c.kld:.4f}, PPL ratio {c.ppl_ratio:.3f} "
                   f"({'measured before, resumed' if resumed else f'{c.seconds:.0f} s'})", flush=True)
