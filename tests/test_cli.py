@@ -53,11 +53,18 @@ def test_quantize_defaults_to_a_grid_that_fits_and_says_so(tmp_path, tiny_dir, t
                  "--eval-window", "64", "--no-speed", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "grid: q4_0 (the default" in printed
-    # the file a runtime would load, beside the torch row's in-memory size (float32 embedding)
-    from compactor.evaluate.size import gguf_size
+    # The size is the file's a runtime would load (GGUF tensors, embedding Q8_0), in the table
+    # and the summary line, with the in-memory size (float32 embedding) beside it.
+    import json
+
+    from compactor.evaluate.size import gguf_size, model_size
     from compactor.models.load import load_model
 
-    assert f"as GGUF (export defaults, embedding q8_0): {gguf_size(load_model(str(out)).model) / 1e6:.1f} MB" in printed
+    back = load_model(str(out)).model
+    assert f"size: {gguf_size(back) / 1e6:.1f} MB as GGUF tensors" in printed
+    assert f"{model_size(back)[0] / 1e6:.1f} MB in memory" in printed
+    metrics = json.loads((out / "metrics.json").read_text())[-1]
+    assert metrics["size_bytes"] == gguf_size(back) and metrics["memory_bytes"] == model_size(back)[0]
     import yaml
 
     assert yaml.safe_load((out / "recipe.yaml").read_text())["stages"][0]["steps"][0]["rtn"]["grid"] == "q4_0"

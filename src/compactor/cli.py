@@ -240,14 +240,15 @@ def cmd_quantize(args) -> int:
     if ctx.results:
         print(table(ctx.results))
     if not ctx.loaded.streamed:
-        from compactor.evaluate.size import gguf_size, model_size
+        from compactor.evaluate.size import deployed_size
 
-        # The torch row counts the float32 embedding the model holds in memory; the file a
-        # runtime loads (compactor export --format gguf, embedding Q8_0) is this:
-        nbytes, params = gguf_size(ctx.loaded.model), model_size(ctx.loaded.model)[1]
-        print(f"as GGUF (export defaults, embedding q8_0): {nbytes / 1e6:.1f} MB of tensors, "
-              f"{nbytes * 8 / params:.2f} bits per weight")
-        set_result(args, gguf_tensor_bytes=nbytes)
+        # The size column is the deployment's (the GGUF file's tensors, embedding Q8_0, for
+        # GGUF grids); memory holds the float32 embedding besides.
+        nbytes, memory = deployed_size(ctx.loaded.model)
+        if memory is not None:
+            print(f"size: {nbytes / 1e6:.1f} MB as GGUF tensors (export defaults, embedding q8_0); "
+                  f"{memory / 1e6:.1f} MB in memory (float32 embedding)")
+            set_result(args, gguf_tensor_bytes=nbytes, memory_bytes=memory)
     print(f"\nwrote {ctx.out_dir} (codes in quantization-*.safetensors, recipe.yaml, metrics.json, provenance.json)")
     stage_result(args, ctx)
     return 0

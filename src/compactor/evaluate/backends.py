@@ -79,12 +79,15 @@ class TorchBackend:
 
     def __init__(self, model, name: str = "model", load_seconds: float = 0.0,
                  max_window_bytes: int = MAX_WINDOW_BYTES):
-        from compactor.evaluate.size import model_size
+        from compactor.evaluate.size import deployed_size, model_size
 
         self.model = model.eval()
         self.name = name
         self.load_seconds = load_seconds
-        self.size_bytes, self.params = model_size(model)
+        # A quantized model's size is its deployment's (the GGUF file's tensors), not that of
+        # the float embedding it still holds in memory (kept as memory_bytes).
+        self.params = model_size(model)[1]
+        self.size_bytes, self.memory_bytes = deployed_size(model)
         self.vocab_size = model.config.vocab_size
         #: a window whose float32 logits would pass this runs the decoder once and the head
         #: chunk by chunk (:meth:`iter_chunks`); smaller ones take the model's own forward

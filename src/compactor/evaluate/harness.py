@@ -51,6 +51,9 @@ class EvalResult:
     #: kld_mean, kld_p99, top1); with more than one domain the headline metrics above are
     #: their mean (:func:`mean_over_domains`)
     domains: dict = field(default_factory=dict)
+    #: bytes the model takes in memory, where that differs from ``size_bytes`` (a quantized
+    #: torch model: ``size_bytes`` is its GGUF file's tensors, the float embedding Q8_0)
+    memory_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -168,6 +171,7 @@ def evaluate(
         ppl=summary["ppl"],
         tokens=summary["tokens"],
         size_bytes=cand.size_bytes,
+        memory_bytes=getattr(cand, "memory_bytes", None),
         params=cand.params,
         bpw=cand.size_bytes * 8 / cand.params,
         load_seconds=cand.load_seconds,

@@ -73,3 +73,18 @@ def gguf_size(model: torch.nn.Module, embed_type: str = "q8_0", float_type: str 
             kind = embed_type if id(t) in table else float_type if t.dim() == 2 else "f32"
             nbytes += t.numel() * bpw(kind) / 8
     return int(round(nbytes))
+
+
+def deployed_size(model: torch.nn.Module) -> tuple[int, int | None]:
+    """(bytes a deployment of ``model`` holds, bytes in memory when they differ). A model
+    whose quantized modules are all on GGUF grids deploys as a GGUF file: its tensor bytes
+    at the export defaults (:func:`gguf_size`; a float32 embedding in memory is Q8_0 in the
+    file); any other model as it is stored (:func:`model_size`)."""
+    from compactor.primitives.ggml import GGML_TYPES
+    from compactor.quant.qlinear import QuantizedLinear
+
+    memory = model_size(model)[0]
+    grids = {m.label for m in model.modules() if isinstance(m, QuantizedLinear)}
+    if grids and grids <= set(GGML_TYPES):
+        return gguf_size(model), memory
+    return memory, None
