@@ -18,3 +18,8 @@ class GateFailed(CompactorError):
     exits with code 3 (2 stays "bad input")."""
 
     exit_code = 3
+
+
+class MemoryCapExceeded(CompactorError):
+    """The process passed its memory cap while running (:class:`compactor.memory.MemoryGuard`):
+    stopped cleanly, nothing half-written; exit code 2 like the plan's refusal before a run."""

@@ -179,6 +179,24 @@ def run_recipe(recipe: Recipe, out: str | Path | None = None, overwrite: bool = 
     removed once the output is in place; ``resume`` continues them from there."""
     _check_streamable(recipe)
     recipe, plan = memory_plan(recipe, progress)
+    with _memory_guard(recipe, plan):
+        return _run(recipe, plan, out, overwrite, progress, resume)
+
+
+def _memory_guard(recipe: Recipe, plan):
+    """The cap a recipe names (``max_memory``) enforced while it runs; none otherwise (the
+    plan's check against the memory available is then the only bound)."""
+    import contextlib
+
+    from compactor.memory import MemoryGuard, parse_bytes
+
+    if recipe.max_memory is None:
+        return contextlib.nullcontext()
+    return MemoryGuard(parse_bytes(recipe.max_memory), f"max_memory {recipe.max_memory}",
+                       planned=plan.total if plan is not None else None)
+
+
+def _run(recipe: Recipe, plan, out, overwrite: bool, progress: bool, resume: bool) -> RunContext:
     loaded = load_model(recipe.model, stream=recipe.stream)
     started = time.time()
     if out is None:
