@@ -125,6 +125,8 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
             got = cache[_key(c)]
             c.kld, c.ppl_ratio, c.seconds, c.fields = got["kld"], got["ppl_ratio"], got["seconds"], got["fields"]
         else:
+            if progress:
+                print(f"  building {c.label} ({c.size_bytes / 1e6:.2f} MB) ...", flush=True)
             t0 = time.perf_counter()
             cand = copy.copy(loaded)
             cand.model = copy.deepcopy(model)
