@@ -107,10 +107,15 @@ def main() -> None:
 
 def _space(records: list[dict]) -> str:
     """The searched space, as the records state it."""
-    spaces = {json.dumps(r["space"], sort_keys=True) for r in records if "space" in r}
+    spaces: dict[str, list[str]] = {}
+    for r in records:
+        if "space" in r:
+            spaces.setdefault(json.dumps(r["space"], sort_keys=True), []).append(r["key"])
     out = []
-    for sp in map(json.loads, sorted(spaces)):
-        out.append(f"space: grids {', '.join(sp['grids'])}; embedding types {', '.join(sp['embed_types'])}; "
+    for key, targets in sorted(spaces.items()):
+        sp = json.loads(key)
+        out.append(f"Space for {', '.join(targets)}: grids {', '.join(sp['grids'])}; "
+                   f"embedding types {', '.join(sp['embed_types'])}; "
                    f"methods {', '.join(sp['methods'])} (the first ranks, the others on the best {sp['top']}); "
                    f"mixed plan {'at the budget' if sp['mixed'] else 'off'}; "
                    f"{sp['eval_tokens_per_domain']} evaluation tokens per domain.")

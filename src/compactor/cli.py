@@ -556,9 +556,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--max-ppl-ratio", type=float, default=None, help="quality floor: PPL / the original's PPL")
     se.add_argument("--grids", default=None,
                     help="GGUF grids for the decoder linears, comma-separated (default q2_k..q8_0 with iq4_nl)")
-    se.add_argument("--methods", default="rtn,gptq,awq+gptq",
+    se.add_argument("--methods", default="rtn,gptq",
                     help="methods per grid, cheapest first; the first ranks configurations for the others "
-                         "(default rtn,gptq,awq+gptq)")
+                         "(default rtn,gptq; add awq+gptq to try it too, ~4x GPTQ's time)")
     se.add_argument("--embed-types", default=None,
                     help="embedding (tied head) types to try, comma-separated (default q4_0,q5_0,q8_0)")
     se.add_argument("--top", type=int, default=1,
