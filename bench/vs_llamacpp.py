@@ -232,6 +232,43 @@ def _same_type(rows: list[dict], spec: str) -> list[str]:
     return out
 
 
+def _vs_autoround(rows: list[dict]) -> list[str]:
+    """For each AutoRound file: the best compactor file (calib:mix) no larger, its KLD ratio on every
+    domain (the goal: ≤ 0.9, i.e. ≥ 10 % lower), llama.cpp's same type + imatrix, and both build times."""
+    ours = [r for r in rows if r["tool"] == "compactor" and r.get("calibration") == "calib:mix"]
+    out = []
+    for a in sorted((r for r in rows if r["tool"] == "AutoRound"), key=lambda r: r["bpw"]):
+        specs = list(a["domains"])
+        lc = next((r for r in rows if r["tool"] == "llama.cpp" and r.get("imatrix") and r.get("type") == a["type"]
+                   and r.get("calibration") == a["calibration"]), None)
+        lc_txt = "—" if lc is None else f"{lc['kld_mean']:.4f}"
+        fit = [o for o in ours if o["size_bytes"] <= a["size_bytes"]]
+        if not fit:
+            out.append(f"| {a['name']} ({a['bpw']:.3f}) | {a['kld_mean']:.4f} | {a['seconds']:.0f} | {lc_txt} | "
+                       "none of ours is this small |" + " |" * (len(specs) + 3))
+            continue
+        best = min(fit, key=lambda o: o["kld_mean"])
+        ratios = [best["domains"][d]["kld_mean"] / a["domains"][d]["kld_mean"] for d in specs]
+        out.append(f"| {a['name']} ({a['bpw']:.3f}) | {a['kld_mean']:.4f} | {a['seconds']:.0f} | {lc_txt} | "
+                   f"{best['name']} ({best['bpw']:.3f}) | {best['kld_mean']:.4f} | "
+                   + " | ".join(f"{x:.2f}" for x in ratios)
+                   + f" | {best.get('seconds', float('nan')):.0f} | {'met' if max(ratios) <= 0.9 else 'not met'} |")
+    return out
+
+
+def _autoround_section(rows: list[dict], specs: list[str]) -> str:
+    lines = _vs_autoround(rows)
+    if not lines:
+        return ""
+    return ("\n\n## AutoRound's GGUF files (bench/autoround.py, its own venv, the same calib:mix windows)\n\n"
+            "Goal: at each AutoRound file's size, a compactor file no larger with ≥ 10 % lower KLD on every "
+            "domain (ratio ≤ 0.9), built in less wall time than AutoRound's tuned mode. Build times come from "
+            "each row's own run (see its provenance), not from one side-by-side run.\n\n"
+            "| AutoRound file (bpw) | mean KLD | AutoRound s | llama.cpp same type + imatrix KLD | "
+            "best compactor file no larger (bpw) | its mean KLD | " + " | ".join(f"{d} ratio" for d in specs)
+            + " | compactor s | goal |\n|" + "---|" * (len(specs) + 8) + "\n" + "\n".join(lines))
+
+
 def _plot(rows: list[dict]) -> None:
     try:
         import matplotlib
@@ -245,8 +282,9 @@ def _plot(rows: list[dict]) -> None:
     groups = {"llama.cpp": lambda r: r["tool"] == "llama.cpp" and not r.get("imatrix"),
               f"llama.cpp + imatrix ({head})": lambda r: r["tool"] == "llama.cpp" and r.get("imatrix")
               and r.get("calibration") == "calib:mix",
-              "compactor (calib:mix)": lambda r: r["tool"] == "compactor" and r.get("calibration") == "calib:mix"}
-    for (label, pick), marker in zip(groups.items(), "osD"):
+              "compactor (calib:mix)": lambda r: r["tool"] == "compactor" and r.get("calibration") == "calib:mix",
+              "AutoRound (calib:mix)": lambda r: r["tool"] == "AutoRound"}
+    for (label, pick), marker in zip(groups.items(), "osD^"):
         pts = sorted((r["bpw"], r["kld_mean"], r["name"]) for r in rows if pick(r))
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker, label=label, alpha=0.8)
@@ -299,6 +337,7 @@ def _write(rows: list[dict], setup: dict) -> None:
         + head + "\n" + "\n".join(table)
         + "\n\n## The goal: at each llama.cpp (+imatrix) size below Q4_1's, a compactor file no larger "
         "with ≤ 0.5× their KLD on every domain; at equal type, a win on every domain\n" + "\n".join(goals)
+        + _autoround_section(rows, specs)
         + "\n\n![KLD against size](vs_llamacpp.png)\n\nRuns:\n" + provenance_lines(rows))
     write_result("vs_llamacpp", "compactor vs llama.cpp's own quantizer across domains (SmolLM2-135M, in llama.cpp)",
                  body)
