@@ -24,7 +24,6 @@ import copy
 import json
 import shutil
 import time
-from pathlib import Path
 
 import torch
 from _common import provenance

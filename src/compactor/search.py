@@ -60,7 +60,7 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
            methods=METHODS, mixed: bool = True, top: int = 1, progress: bool = True,
            pruning: Pruning | None = None, model_spec: str | None = None, calib_spec: str | None = None,
            eval_spec: str = "domains", work_dir=None, header: int = 0, cache_file=None,
-           settings: dict | None = None) -> dict:
+           settings: dict | None = None, speed=None) -> dict:
     """Run the search (see the module docstring) on ``loaded`` (a LoadedModel in memory).
     ``reference``: a cached backend of the original. ``header``: the GGUF header's bytes,
     added to every size. ``top``: configurations the calibrated methods are built on.
@@ -83,6 +83,8 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
 
     if not methods or top < 1:
         raise CompactorError("search: give at least one method and top >= 1")
+    if target.min_decode_speedup is not None and speed is None:
+        raise CompactorError("search: a decode speed-up limit needs the llama.cpp speed probe")
     model = loaded.model
     params = sum({id(p): p.numel() for p in model.parameters()}.values())
     n_layers = len(decoder_layers(model, loaded.adapter))
@@ -135,6 +137,8 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
             r = evaluate(cand.model, eval_windows, reference=reference, speed=False, name=c.label, progress=False)
             c.kld, c.ppl_ratio = r.kld_mean, r.ppl / r.ref_ppl
             c.fields = {"ppl": r.ppl, "top1": r.top1, "kld_p99": r.kld_p99, "torch_size_bytes": r.size_bytes}
+            if speed is not None:
+                c.fields.update(speed.measure(cand))
             c.seconds = time.perf_counter() - t0
             if _better(target, params, c, kept[0]):
                 ctx._reference_backend = reference
@@ -146,12 +150,14 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
                 with atomic_file(cache_file) as tmp:
                     Path(tmp).write_text(json.dumps({"settings": settings, "measured": cache}, indent=1))
         if progress:
-            print(f"  {c.label}: {c.size_bytes / 1e6:.2f} MB, KLD {c.kld:.4f}, PPL ratio {c.ppl_ratio:.3f} "
+            fast = (f", decode {c.fields['decode_tok_s']:.0f} tok/s ({c.fields['decode_speedup']:.2f}x)"
+                    if "decode_speedup" in c.fields else "")
+            print(f"  {c.label}: {c.size_bytes / 1e6:.2f} MB, KLD {c.kld:.4f}, PPL ratio {c.ppl_ratio:.3f}{fast} "
                   f"({'measured before, resumed' if resumed else f'{c.seconds:.0f} s'})", flush=True)
 
     try:
         if target.is_budget:
-            chosen = _choose_budget(fitting, methods, top, measure)
+            chosen = _choose_budget(target, fitting, methods, top, measure)
         else:
             chosen = _choose_floor(target, pool, methods, top, measure, grids)
             if pruning is not None:
@@ -167,13 +173,15 @@ def _better(target: Target, params: int, c: Candidate, best: Candidate | None) -
     """Whether ``c`` beats ``best`` as the answer: under a budget a lower KLD (among those
     that fit), under a floor a smaller file that meets it (a lower KLD at equal size)."""
     if target.is_budget:
-        return target.fits(c.size_bytes, params) and (best is None or c.kld < best.kld)
-    return target.meets(c.kld, c.ppl_ratio) and (
+        return target.fits(c.size_bytes, params) and target.fast(c) and (best is None or c.kld < best.kld)
+    return target.passes(c) and (
         best is None or (c.size_bytes, c.kld) < (best.size_bytes, best.kld))
 
 
-def _choose_budget(fitting: list[Candidate], methods, top: int, measure) -> Candidate:
-    """Under a budget: the lowest KLD among the candidates worth building (module docstring)."""
+def _choose_budget(target: Target, fitting: list[Candidate], methods, top: int, measure) -> Candidate:
+    """Under a budget: the lowest KLD among the candidates worth building (module docstring)
+    that meet the speed limit (a configuration too slow under RTN is as slow calibrated: the
+    types decide the speed)."""
     proxy = methods[0]
     best_embed = {}  # per grid, the largest embedding type that fits
     for c in fitting:
@@ -186,7 +194,7 @@ def _choose_budget(fitting: list[Candidate], methods, top: int, measure) -> Cand
     for c in sorted(best_embed.values(), key=lambda c: c.size_bytes):
         measure(c)
         ranked.append(c)
-    ranked = sorted(ranked, key=lambda c: c.kld)[:top]
+    ranked = sorted((c for c in ranked if target.fast(c)), key=lambda c: c.kld)[:top]
     for m in methods[1:]:
         for r in ranked:
             measure(next(c for c in fitting if (c.grid, c.embed, c.method) == (r.grid, r.embed, m)))
@@ -194,8 +202,20 @@ def _choose_budget(fitting: list[Candidate], methods, top: int, measure) -> Cand
         if c.method is None:  # the mixed plan and the cuts
             measure(c)
         elif c.kld is None and c.why_not is None:
-            c.why_not = f"{proxy} ranked its configuration below the best {top}"
-    return min((c for c in fitting if c.kld is not None), key=lambda c: c.kld)
+            slow = next((r for r in fitting if r.method == proxy and (r.grid, r.embed) == (c.grid, c.embed)
+                         and r.kld is not None and not target.fast(r)), None)
+            c.why_not = ("its configuration is too slow" if slow else
+                         f"{proxy} ranked its configuration below the best {top}")
+    ok = [c for c in fitting if c.kld is not None and target.fast(c)]
+    if not ok:
+        raise CompactorError(_too_slow(target, fitting))
+    return min(ok, key=lambda c: c.kld)
+
+
+def _too_slow(target: Target, cands: list[Candidate]) -> str:
+    fastest = max((c for c in cands if "decode_speedup" in c.fields), key=lambda c: c.fields["decode_speedup"])
+    return (f"search: no candidate reaches a decode speed-up of {target.min_decode_speedup} (the fastest, "
+            f"{fastest.label}, measured {fastest.fields['decode_speedup']:.2f}x the original's F16 decode)")
 
 
 def _choose_floor(target: Target, pool: list[Candidate], methods, top: int, measure, grids) -> Candidate:
@@ -206,20 +226,22 @@ def _choose_floor(target: Target, pool: list[Candidate], methods, top: int, meas
     for c in configs:
         measure(c)
         tried.append(c)
-        if target.meets(c.kld, c.ppl_ratio):
+        if target.passes(c):
             chosen = c
             break
     for m in methods[1:]:
         limit = chosen.size_bytes if chosen is not None else float("inf")
-        closest = sorted((c for c in tried if c.size_bytes < limit), key=lambda c: c.kld)[:top]
+        closest = sorted((c for c in tried if c.size_bytes < limit and target.fast(c)), key=lambda c: c.kld)[:top]
         for r in closest:
             c = next(c for c in pool if (c.grid, c.embed, c.method) == (r.grid, r.embed, m))
             measure(c)
-            if target.meets(c.kld, c.ppl_ratio) and (chosen is None or c.size_bytes < chosen.size_bytes):
+            if target.passes(c) and (chosen is None or c.size_bytes < chosen.size_bytes):
                 chosen = c
     for c in pool:
         if c.kld is None and c.why_not is None:
             c.why_not = "not needed to prove the answer"
+    if chosen is None and any(target.meets(c.kld, c.ppl_ratio) for c in pool if c.kld is not None):
+        raise CompactorError(_too_slow(target, pool))
     if chosen is None:
         last = max((c for c in pool if c.kld is not None), key=lambda c: c.size_bytes)
         raise CompactorError("search: no candidate meets the quality floor (the largest tried, "
@@ -235,7 +257,7 @@ def _cut_floor(target, pool, chosen, model, grids, pruning, n_layers, header, me
     pool += cuts
     for c in sorted(cuts, key=lambda c: c.size_bytes):
         measure(c)
-        if target.meets(c.kld, c.ppl_ratio) and c.size_bytes < chosen.size_bytes:
+        if target.passes(c) and c.size_bytes < chosen.size_bytes:
             chosen = c
     return chosen
 
@@ -266,12 +288,19 @@ def _apply(cand, steps: list[dict], original, calib, eval_windows, model_spec, w
 def front_table(result: dict) -> str:
     """The candidates as a Markdown table: size, bpw, KLD, PPL ratio, front and choice marked."""
     front = {id(c) for c in result["front"]}
-    rows = ["| candidate | predicted MB | bpw | KLD | PPL ratio | s | |", "|---|---|---|---|---|---|---|"]
+    timed = any("decode_speedup" in c.fields for c in result["candidates"])
+    spd = " decode tok/s (x F16) |" if timed else ""
+    rows = [f"| candidate | predicted MB | bpw | KLD | PPL ratio |{spd} s | |",
+            "|---|---|---|---|---|" + "---|" * (3 if timed else 2)]
     for c in sorted(result["candidates"], key=lambda c: c.size_bytes):
         mark = "**chosen**" if c is result["chosen"] else ("front" if id(c) in front else "")
+        fast = ""
+        if timed:
+            fast = (f" {c.fields['decode_tok_s']:.0f} ({c.fields['decode_speedup']:.2f}x) |"
+                    if "decode_speedup" in c.fields else " |")
         rows.append(f"| {c.label} | {c.size_bytes / 1e6:.2f} | {c.size_bytes * 8 / result['params']:.2f} | "
-                    + (f"not built: {c.why_not} | | |" if c.kld is None
-                       else f"{c.kld:.4f} | {c.ppl_ratio:.3f} | {c.seconds:.0f} |")
+                    + (f"not built: {c.why_not} | |{' |' if timed else ''} |" if c.kld is None
+                       else f"{c.kld:.4f} | {c.ppl_ratio:.3f} |{fast} {c.seconds:.0f} |")
                     + f" {mark} |")
     return "\n".join(rows)
 

@@ -26,12 +26,15 @@ METHODS = ("rtn", "gptq")
 @dataclass(frozen=True)
 class Target:
     """What the search must meet: a budget (``max_size_mb`` / ``max_bpw``, minimise KLD) or
-    a floor (``max_kld`` / ``max_ppl_ratio``, minimise size)."""
+    a floor (``max_kld`` / ``max_ppl_ratio``, minimise size); with either, optionally
+    ``min_decode_speedup``: llama.cpp decode tok/s over the original's at F16
+    (:mod:`compactor.search_speed`)."""
 
     max_size_mb: float | None = None
     max_bpw: float | None = None
     max_kld: float | None = None
     max_ppl_ratio: float | None = None
+    min_decode_speedup: float | None = None
 
     def __post_init__(self):
         budget = self.max_size_mb is not None or self.max_bpw is not None
@@ -56,6 +59,14 @@ class Target:
     def meets(self, kld: float, ppl_ratio: float) -> bool:
         return ((self.max_kld is None or kld <= self.max_kld)
                 and (self.max_ppl_ratio is None or ppl_ratio <= self.max_ppl_ratio))
+
+    def fast(self, c: Candidate) -> bool:
+        """Whether a measured candidate meets the speed limit (always, when there is none)."""
+        return self.min_decode_speedup is None or c.fields.get("decode_speedup", 0.0) >= self.min_decode_speedup
+
+    def passes(self, c: Candidate) -> bool:
+        """A measured candidate meets the floor and the speed limit."""
+        return self.meets(c.kld, c.ppl_ratio) and self.fast(c)
 
 
 @dataclass
