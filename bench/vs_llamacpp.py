@@ -54,6 +54,8 @@ LLAMACPP = ("q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_1", "q4_0", "iq4_xs", "q3_k_
 #: (method, grid, embedding types to export with)
 OURS = (
     ("awq+gptq", "q4_0", ("q8_0", "q5_0", "q4_0")),
+    # plain GPTQ (the default method) at equal type: the independent check's like-for-like row
+    ("gptq", "q4_0", ("q8_0",)),
     ("gptq", "q4_k", ("q8_0", "q5_0")),
     ("awq+gptq", "iq4_nl", ("q8_0", "q5_0")),
     ("gptq", "q3_k", ("q8_0", "q4_0")),
