@@ -79,20 +79,25 @@ def test_floor_search_stops_at_the_smallest_file_that_meets_it(setup):
     loaded, calib, win, ref = setup
     loose = search(loaded, Target(max_kld=1e9), calib, win, ref, grids=GRIDS, progress=False)
     smallest = min(res.size_bytes for res in loose["candidates"])
-    assert loose["chosen"].size_bytes == smallest
-    assert [c.label for c in _built(loose)] == [loose["chosen"].label] == ["rtn q4_0, embed q4_0"]  # at once
+    assert loose["chosen"].size_bytes == smallest and loose["chosen"].label == "rtn q4_0, embed q4_0"
+    # The smallest grid at its largest embedding, then the smallest configuration: two builds.
+    assert sorted(c.label for c in _built(loose)) == ["rtn q4_0, embed q4_0", "rtn q4_0, embed q8_0"]
     # A floor RTN meets only on a larger configuration.
-    rtn = sorted((c for c in loose["candidates"] if c.method == "rtn"), key=lambda c: c.size_bytes)
     mid = search(loaded, Target(max_kld=1e9), calib, win, ref, grids=("q5_0",), embeds=("q5_0",),
                  methods=("rtn",), progress=False)["chosen"].kld
     tight = search(loaded, Target(max_kld=mid * 1.001), calib, win, ref, grids=GRIDS, progress=False)
     chosen, built = tight["chosen"], _built(tight)
     assert chosen.kld <= mid * 1.001
-    assert chosen.size_bytes == min(c.size_bytes for c in built if c.kld <= mid * 1.001)
-    first_pass = next(c for c in built if c.method == "rtn" and c.kld <= mid * 1.001)
-    assert all(c.kld > mid * 1.001 for c in built if c.method == "rtn" and c.size_bytes < first_pass.size_bytes)
-    assert [c.label for c in built if c.method == "rtn"] == [c.label for c in rtn[:len(
-        [c for c in built if c.method == "rtn"])]]  # RTN walked smallest first
+    assert not any(c.kld <= mid * 1.001 and c.size_bytes < chosen.size_bytes for c in built)
+    rtn = [c for c in built if c.method == "rtn"]
+    best_embed = {c.grid: max((d for d in tight["candidates"] if d.grid == c.grid), key=lambda d: d.size_bytes)
+                  for c in rtn}
+    for c in rtn:  # a grid whose largest embedding misses the floor is not tried with a smaller one
+        top = best_embed[c.grid]
+        if top.kld is not None and top.kld > mid * 1.001:
+            assert c is top
+    skipped = [c for c in tight["candidates"] if c.kld is None and "misses the floor already" in (c.why_not or "")]
+    assert all(best_embed[c.grid].kld > mid * 1.001 for c in skipped)
     with pytest.raises(CompactorError, match="no candidate meets the quality floor"):
         search(loaded, Target(max_kld=0.0), calib, win, ref, grids=GRIDS, progress=False)
 
@@ -235,3 +240,24 @@ def test_cli_search_with_cuts_writes_a_runnable_recipe(tiny_dir, text_file, tmp_
     assert [next(iter(s)) for s in steps] == ["drop_layers", "distill", "embedding", "gptq"]
     assert main(["run", str(out / "recipe.yaml"), "--out", str(tmp_path / "again"), "--quiet"]) == 0
     assert (tmp_path / "again" / "metrics.json").exists()
+
+
+def test_floor_walk_rules_out_a_grid_its_best_embedding_fails():
+    from compactor.search import _choose_floor
+
+    truth = {("a", "e8"): (10, 0.5), ("a", "e4"): (8, 0.6), ("b", "e8"): (14, 0.2), ("b", "e4"): (11, 0.25),
+             ("c", "e8"): (20, 0.05), ("c", "e4"): (12, 0.1)}
+    pool = [Candidate(f"rtn {g} {e}", [], size, grid=g, embed=e, method="rtn") for (g, e), (size, _) in truth.items()]
+    order = []
+
+    def measure(c):
+        if c.kld is None:
+            order.append(c.label)
+            c.kld = truth[(c.grid, c.embed)][1]
+            c.ppl_ratio = 1 + c.kld
+
+    chosen = _choose_floor(Target(max_kld=0.3), pool, ("rtn",), 1, measure, ("a", "b", "c"))
+    # a at its best embedding fails, so a's smaller file is never built; b passes, then b's smaller
+    # file (11) is the smallest left and passes too; c's 12 is larger than that answer.
+    assert order == ["rtn a e8", "rtn b e8", "rtn b e4"] and chosen.label == "rtn b e4"
+    assert "misses the floor already" in next(c for c in pool if c.label == "rtn a e4").why_not

@@ -16,7 +16,9 @@ theirs (an assumption the search records, not a proof).
   same grid only loses quality), ranked by RTN; the calibrated methods on the best ``top``;
   the mixed plan filling the budget; cuts of the grids that fit only when cut. The lowest
   KLD measured wins.
-- Under a floor: RTN from the smallest configuration up to the first that meets it; then
+- Under a floor: RTN on the grids smallest first, each at its largest embedding type, up to
+  the first grid that meets it (a grid that misses it even so is not tried with a smaller
+  embedding); then the smaller configurations of the grids left, smallest first; then
   each calibrated method on the ``top`` smaller configurations RTN came closest on, and the
   smallest file that meets the floor wins; then (``pruning``) larger grids cut below it.
 
@@ -219,16 +221,39 @@ def _too_slow(target: Target, cands: list[Candidate]) -> str:
 
 
 def _choose_floor(target: Target, pool: list[Candidate], methods, top: int, measure, grids) -> Candidate:
-    """Under a floor: the smallest file measured to meet it (module docstring)."""
+    """Under a floor: the smallest file measured to meet it (module docstring).
+
+    The first method walks the grids smallest first, each with its largest embedding type
+    (its best file), up to the first grid that meets the floor. A grid whose best file misses
+    the floor's quality is not tried with a smaller embedding (it would only lose more — the
+    budget search's assumption too). Then the configurations smaller than that answer, of the
+    grids not ruled out, smallest first, up to the first that meets it."""
     proxy = methods[0]
-    configs = sorted((c for c in pool if c.method == proxy), key=lambda c: (c.size_bytes, c.grid))
-    chosen, tried = None, []
+    configs = [c for c in pool if c.method == proxy]
+    best_of: dict[str, Candidate] = {}
     for c in configs:
+        if c.grid not in best_of or c.size_bytes > best_of[c.grid].size_bytes:
+            best_of[c.grid] = c
+    chosen, tried, ruled_out = None, [], set()
+    for c in sorted(best_of.values(), key=lambda c: (c.size_bytes, c.grid)):
         measure(c)
         tried.append(c)
         if target.passes(c):
             chosen = c
             break
+        if not target.meets(c.kld, c.ppl_ratio):
+            ruled_out.add(c.grid)
+    if chosen is not None:
+        for c in sorted((c for c in configs if c.kld is None and c.grid not in ruled_out
+                         and c.size_bytes < chosen.size_bytes), key=lambda c: (c.size_bytes, c.grid)):
+            measure(c)
+            tried.append(c)
+            if target.passes(c):
+                chosen = c
+                break
+    for c in pool:
+        if c.kld is None and c.grid in ruled_out and c.method == proxy:
+            c.why_not = f"{c.grid} with its largest embedding misses the floor already"
     for m in methods[1:]:
         limit = chosen.size_bytes if chosen is not None else float("inf")
         closest = sorted((c for c in tried if c.size_bytes < limit and target.fast(c)), key=lambda c: c.kld)[:top]
