@@ -75,6 +75,7 @@ def main() -> None:
     records = json.loads(JSON.read_text()) if args.resume and JSON.exists() else []
     WORK.mkdir(parents=True, exist_ok=True)
     provenance()
+    _backfill(records)
     here = provenance()["machine"]
     if not any(r["key"] == "gptq" and r["prov"]["machine"] == here for r in records):
         r = timed(_cli("quantize", "smollm2-135m", "--method", "gptq", "--grid", "q4_0", "--no-eval", "--force",
@@ -97,7 +98,8 @@ def main() -> None:
             gguf = out.with_suffix(".gguf")
             e = timed(_cli("export", str(out), "--format", "gguf", "--embed-type", "q8_0", "--force", "--out", str(gguf)))
             rec.update(chosen=found["chosen"], candidates=len(found["candidates"]),
-                       built=sum(c["kld"] is not None for c in found["candidates"]), export_exit=e["exit_code"])
+                       built=sum(c["kld"] is not None for c in found["candidates"]), export_exit=e["exit_code"],
+                       seconds_by_kind=_spent(found))
             if e["exit_code"] == 0:
                 rec["llamacpp"] = _score(gguf)
         rec["known"] = _known(float(value) * 1e6 if kind == "size" else None, float(value) if kind == "kld" else None)
@@ -123,6 +125,34 @@ def _space(records: list[dict]) -> str:
     return " ".join(out)
 
 
+def _spent(found: dict) -> dict[str, float]:
+    """Build + score seconds of the built candidates in a search's search.json, by kind."""
+    spent: dict[str, float] = {}
+    for c in found["candidates"]:
+        if c["kld"] is not None:
+            kind = c["label"].split()[0]
+            spent[kind] = round(spent.get(kind, 0.0) + c["seconds"], 1)
+    return spent
+
+
+def _backfill(records: list[dict]) -> None:
+    """Records stored before ``seconds_by_kind`` existed get it from their search's own
+    search.json when it is still on disk and its choice is the record's."""
+    for r in records:
+        if r["key"] == "gptq" or "seconds_by_kind" in r or "chosen" not in r:
+            continue
+        path = WORK / f"search-{r['kind']}-{r['key'].split(':')[1]}" / "search.json"
+        if path.exists():
+            found = json.loads(path.read_text())
+            if found["chosen"] == r["chosen"]:
+                r["seconds_by_kind"] = _spent(found)
+
+
+def _by_kind(rec: dict) -> str:
+    spent = rec.get("seconds_by_kind")
+    return "not recorded" if spent is None else ", ".join(f"{k} {v:.0f}" for k, v in spent.items())
+
+
 def _baseline(records: list[dict], rec: dict) -> dict | None:
     """The GPTQ run timed on the same machine as ``rec`` (a ratio across machines means nothing)."""
     return next((r for r in records if r["key"] == "gptq" and r["prov"]["machine"] == rec["prov"]["machine"]), None)
@@ -146,6 +176,7 @@ def _save(records: list[dict]) -> None:
                     f"{'' if ratio is None else format(ratio, '.2f')} | "
                     f"{'—' if not theirs else theirs['name'] + ' ' + format(theirs['kld_mean'], '.4f')} | "
                     f"{r['seconds']:.0f} | {'' if not g else format(r['seconds'] / g['seconds'], '.1f') + 'x'} | "
+                    f"{_by_kind(r)} | "
                     f"{r.get('load_before', '')} | {prov_ref(records, r)} |")
     write_result("search", "compactor search on SmolLM2-135M: budgets and a quality floor, scored in llama.cpp",
                  "Each target: one `compactor search` process (calib:mix, 128 x 512; candidates scored in torch). "
@@ -158,8 +189,8 @@ def _save(records: list[dict]) -> None:
                  "machine as the search: " + "; ".join(f"{g['seconds']:.0f} s {prov_ref(records, g)}" for g in records
                                                       if g["key"] == "gptq") + ").\n\n"
                  "| target | chosen | built of candidates | file MB | llama.cpp KLD | best known compactor file | "
-                 "ratio to it | best llama.cpp file | search s | vs GPTQ | load before | run |\n"
-                 "|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+                 "ratio to it | best llama.cpp file | search s | vs GPTQ | built candidates' s by kind | load before | run |\n"
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
                  + "\n\nRuns:\n" + provenance_lines(records))
 
 
