@@ -52,7 +52,10 @@ def _score(gguf: Path) -> dict:
 def _known(budget_bytes: float | None, kld: float | None) -> dict:
     """From vs_llamacpp.json: the best compactor and llama.cpp (+imatrix) files for the target."""
     path = RESULTS / "vs_llamacpp.json"
-    rows = [r for r in json.loads(path.read_text()) if r.get("calibration") in ("calib:mix", None)] if path.exists() else []
+    # calib:mix rows (and llama.cpp's uncalibrated ones); not Q4_1, the reference's own grid, which
+    # reproduces the reference almost exactly (vs_llamacpp.md shows it as the size limit only)
+    rows = [r for r in json.loads(path.read_text()) if r.get("calibration") in ("calib:mix", None)
+            and r.get("type") != "q4_1"] if path.exists() else []
     out = {}
     for tool in ("compactor", "llama.cpp"):
         mine = [r for r in rows if r["tool"] == tool]
@@ -148,6 +151,10 @@ def _backfill(records: list[dict]) -> None:
                 r["seconds_by_kind"] = _spent(found)
 
 
+def _named(known: dict | None) -> str:
+    return "—" if not known else f"{known['name']} ({known['size_bytes'] / 1e6:.1f} MB) {known['kld_mean']:.4f}"
+
+
 def _by_kind(rec: dict) -> str:
     spent = rec.get("seconds_by_kind")
     return "not recorded" if spent is None else ", ".join(f"{k} {v:.0f}" for k, v in spent.items())
@@ -166,15 +173,16 @@ def _save(records: list[dict]) -> None:
         if r["key"] == "gptq":
             continue
         g = _baseline(records, r)
-        lc, kn = r.get("llamacpp") or {}, r.get("known") or {}
+        lc = r.get("llamacpp") or {}
+        kn = _known(r["value"] * 1e6 if r["kind"] == "size" else None, r["value"] if r["kind"] == "kld" else None)
         ours, theirs = kn.get("compactor"), kn.get("llama.cpp")
         ratio = (lc["kld_mean"] / ours["kld_mean"]) if lc and ours else None
         rows.append(f"| {r['key']} | {(r.get('chosen') or {}).get('label', 'FAILED: ' + str(r.get('error')))} | "
                     f"{r.get('built', '')} of {r.get('candidates', '')} | "
                     f"{'' if not lc else format(lc['size_bytes'] / 1e6, '.1f')} | {'' if not lc else format(lc['kld_mean'], '.4f')} | "
-                    f"{'—' if not ours else ours['name'] + ' ' + format(ours['kld_mean'], '.4f')} | "
+                    f"{_named(ours)} | "
                     f"{'' if ratio is None else format(ratio, '.2f')} | "
-                    f"{'—' if not theirs else theirs['name'] + ' ' + format(theirs['kld_mean'], '.4f')} | "
+                    f"{_named(theirs)} | "
                     f"{r['seconds']:.0f} | {'' if not g else format(r['seconds'] / g['seconds'], '.1f') + 'x'} | "
                     f"{_by_kind(r)} | "
                     f"{r.get('load_before', '')} | {prov_ref(records, r)} |")
