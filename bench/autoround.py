@@ -1,8 +1,10 @@
 """AutoRound's GGUF files on the setup of bench/vs_llamacpp.py, scored in llama.cpp beside ours.
 
     # auto-round pulls datasets / accelerate / py-cpuinfo, which compactor does not pin, so it
-    # lives in its own venv (compactor's pinned set + auto-round; compactor itself --no-deps):
-    python3 -m venv ../ar-venv && ../ar-venv/bin/pip install -r requirements.lock auto-round==0.16.1
+    # lives in its own venv (compactor's pinned set + auto-round; compactor itself --no-deps).
+    # Its GGUF writer imports sentencepiece before it falls back to the BPE vocabulary
+    # SmolLM2 has, and does not declare it:
+    python3 -m venv ../ar-venv && ../ar-venv/bin/pip install -r requirements.lock auto-round==0.16.1 sentencepiece
     ../ar-venv/bin/pip install --no-deps -e .
     ../ar-venv/bin/python bench/autoround.py [--rows q4_0:0 q4_k_m:0 q4_0:200] [--resume]
 
