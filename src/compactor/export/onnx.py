@@ -89,6 +89,9 @@ def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_
         # Traced with a past of 5 positions (0 and 1 would be specialized); runs with any.
         past = tuple(torch.zeros((1, h, 5, d)) for h, d in geometry for _ in range(2))
         ins, outs = past_names(len(geometry))
+        # A trace starts from a clean compiler cache: guards specialized while tracing an
+        # earlier model (another config of the same family) must not constrain this one.
+        torch._dynamo.reset()
         try:
             torch.onnx.export(_Step(model, len(geometry)).eval(), (ids, past), str(path),
                               input_names=["input_ids", *ins], output_names=["logits", *outs], dynamo=True,
