@@ -185,10 +185,7 @@ def _choose_budget(target: Target, fitting: list[Candidate], methods, top: int, 
     that meet the speed limit (a configuration too slow under RTN is as slow calibrated: the
     types decide the speed)."""
     proxy = methods[0]
-    best_embed = {}  # per grid, the largest embedding type that fits
-    for c in fitting:
-        if c.method == proxy and (c.grid not in best_embed or c.size_bytes > best_embed[c.grid].size_bytes):
-            best_embed[c.grid] = c
+    best_embed = _largest_embedding(fitting, proxy)  # per grid, the largest embedding type that fits
     for c in fitting:
         if c.method is not None and c.embed != best_embed.get(c.grid, c).embed:
             c.why_not = f"a larger embedding fits with {c.grid}"
@@ -214,6 +211,15 @@ def _choose_budget(target: Target, fitting: list[Candidate], methods, top: int, 
     return min(ok, key=lambda c: c.kld)
 
 
+def _largest_embedding(cands: list[Candidate], method: str) -> dict[str, Candidate]:
+    """Per grid, the ``method`` candidate with the largest embedding type among ``cands``."""
+    best: dict[str, Candidate] = {}
+    for c in cands:
+        if c.method == method and (c.grid not in best or c.size_bytes > best[c.grid].size_bytes):
+            best[c.grid] = c
+    return best
+
+
 def _too_slow(target: Target, cands: list[Candidate]) -> str:
     fastest = max((c for c in cands if "decode_speedup" in c.fields), key=lambda c: c.fields["decode_speedup"])
     return (f"search: no candidate reaches a decode speed-up of {target.min_decode_speedup} (the fastest, "
@@ -230,10 +236,7 @@ def _choose_floor(target: Target, pool: list[Candidate], methods, top: int, meas
     grids not ruled out, smallest first, up to the first that meets it."""
     proxy = methods[0]
     configs = [c for c in pool if c.method == proxy]
-    best_of: dict[str, Candidate] = {}
-    for c in configs:
-        if c.grid not in best_of or c.size_bytes > best_of[c.grid].size_bytes:
-            best_of[c.grid] = c
+    best_of = _largest_embedding(configs, proxy)
     chosen, tried, ruled_out = None, [], set()
     for c in sorted(best_of.values(), key=lambda c: (c.size_bytes, c.grid)):
         measure(c)
