@@ -96,3 +96,13 @@ def test_cli_search_refuses_a_speed_no_candidate_reaches(tiny_dir, text_file, tm
     assert rc == 2
     assert json.loads(captured.out)["error"].startswith("search: no candidate reaches a decode speed-up of 1000")
     assert not out.exists()
+
+
+def test_cli_refuses_a_speed_limit_that_is_not_positive(tiny_dir, tmp_path, capsys):
+    from compactor.cli import main
+
+    out = tmp_path / "found"
+    rc = main(["search", str(tiny_dir), "--max-kld", "1", "--min-decode-speedup", "0", "--out", str(out)])
+    assert rc == 2
+    assert "--min-decode-speedup must be positive, got 0.0" in capsys.readouterr().err
+    assert not out.exists() and not (tmp_path / "found.search").exists()
