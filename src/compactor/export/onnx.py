@@ -34,7 +34,12 @@ MAX_KLD_FLOAT, MAX_KLD_INT8 = 1e-4, 0.5
 
 class _Step(torch.nn.Module):
     """``(input_ids, past tensors) -> (logits, present tensors)`` through transformers' own
-    cache, so the traced attention is the model's (every family of the adapter table)."""
+    cache, so the traced attention is the model's (every family of the adapter table).
+
+    Every layer's cache is a plain growing one, sliding-window layers included: their window
+    is applied by the model's own sliding mask over the full past. (A window-trimming cache
+    branches on the past's length, which a graph with a dynamic past cannot trace: the
+    exported graph then failed once the context passed the window.)"""
 
     def __init__(self, model, n_layers: int):
         super().__init__()
@@ -43,7 +48,7 @@ class _Step(torch.nn.Module):
     def forward(self, input_ids, past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        cache = DynamicCache()  # no config: no window-trimming layers (see the class doc)
         for i in range(self.n_layers):
             cache.update(past[2 * i], past[2 * i + 1], i)
         out = self.model(input_ids=input_ids, past_key_values=cache, use_cache=True)
@@ -97,9 +102,13 @@ def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_
                               input_names=["input_ids", *ins], output_names=["logits", *outs], dynamo=True,
                               external_data=False, verbose=False,
                               dynamic_shapes=({0: batch, 1: seq}, tuple({0: batch, 2: past_len} for _ in past)))
-        except Exception as exc:  # the exporter raises many types; name the model and cause
-            raise CompactorError(f"ONNX export of {type(model).__name__} failed: {type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0][:300]}") from None
+        except Exception as exc:  # the exporter raises many types; name the model and the root cause
+            root = exc
+            while root.__cause__ is not None:  # the exporter wraps torch.export's own error
+                root = root.__cause__
+            first = (str(root).strip().splitlines() or [""])[0]
+            raise CompactorError(f"ONNX export of {type(model).__name__} failed: {type(root).__name__}: "
+                                 f"{first[:300]}") from None
     summary = {"file": path.name, "kv_cache": {"layers": len(geometry), "kv_heads": geometry[0][0],
                                                "head_dim": geometry[0][1]}}
     from compactor.export.onnx_nbits import rewrite_matmul_nbits
