@@ -74,6 +74,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--targets", nargs="*", default=["size:80", "size:90", "kld:0.05"])
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--rank-tokens", type=int, default=1024,
+                    help="the search's --rank-tokens (0: RTN ranks on the whole evaluation, as before it existed)")
     args = ap.parse_args()
     records = json.loads(JSON.read_text()) if args.resume and JSON.exists() else []
     WORK.mkdir(parents=True, exist_ok=True)
@@ -86,22 +88,25 @@ def main() -> None:
         records.append({"key": "gptq", **r, "prov": provenance()})
         _save(records)
     for t in args.targets:
-        if any(r["key"] == t for r in records):
+        key = t if not args.rank_tokens else f"{t} rank:{args.rank_tokens}"
+        if any(r["key"] == key for r in records):
             continue
         kind, value = t.split(":")
         flag = {"size": "--max-size", "kld": "--max-kld"}[kind]
-        out = WORK / f"search-{kind}-{value}"
+        out = _out_dir(kind, value, args.rank_tokens)
         r = timed(_cli("search", "smollm2-135m", flag, value, "--eval-tokens", str(EVAL_TOKENS), "--quiet",
-                       "--force", "--out", str(out)))
-        rec = {"key": t, "kind": kind, "value": float(value), **r,
+                       "--rank-tokens", str(args.rank_tokens), "--force", "--out", str(out)))
+        rec = {"key": key, "kind": kind, "value": float(value), **r,
                "space": {"grids": list(GRIDS), "embed_types": list(EMBED_TYPES), "methods": list(METHODS),
-                         "top": 1, "mixed": kind == "size", "eval_tokens_per_domain": EVAL_TOKENS}}
+                         "top": 1, "mixed": kind == "size", "eval_tokens_per_domain": EVAL_TOKENS,
+                         "rank_tokens_per_domain": args.rank_tokens}}
         if r["exit_code"] == 0:
             found = json.loads((out / "search.json").read_text())
-            gguf = out.with_suffix(".gguf")
+            gguf = out.parent / (out.name + ".gguf")
             e = timed(_cli("export", str(out), "--format", "gguf", "--embed-type", "q8_0", "--force", "--out", str(gguf)))
             rec.update(chosen=found["chosen"], candidates=len(found["candidates"]),
-                       built=sum(c["kld"] is not None for c in found["candidates"]), export_exit=e["exit_code"],
+                       built=sum(_measured(c) for c in found["candidates"]), export_exit=e["exit_code"],
+                       measured_in_full=sum(c["kld"] is not None for c in found["candidates"]),
                        seconds_by_kind=_spent(found))
             if e["exit_code"] == 0:
                 rec["llamacpp"] = _score(gguf)
@@ -109,6 +114,15 @@ def main() -> None:
         records.append({**rec, "prov": provenance()})
         _save(records)
     _save(records)
+
+
+def _out_dir(kind: str, value: str, rank_tokens: int) -> Path:
+    return WORK / (f"search-{kind}-{value}" + (f"-rank{rank_tokens}" if rank_tokens else ""))
+
+
+def _measured(c: dict) -> bool:
+    """Built and scored, on the evaluation or only on the ranking windows."""
+    return c["kld"] is not None or c.get("rank_kld") is not None
 
 
 def _space(records: list[dict]) -> str:
@@ -124,7 +138,9 @@ def _space(records: list[dict]) -> str:
                    f"embedding types {', '.join(sp['embed_types'])}; "
                    f"methods {', '.join(sp['methods'])} (the first ranks, the others on the best {sp['top']}); "
                    f"mixed plan {'at the budget' if sp['mixed'] else 'off'}; "
-                   f"{sp['eval_tokens_per_domain']} evaluation tokens per domain.")
+                   f"{sp['eval_tokens_per_domain']} evaluation tokens per domain; "
+                   + (f"RTN ranks on the first {sp['rank_tokens_per_domain']} of them (choices measured on all)."
+                      if sp.get("rank_tokens_per_domain") else "RTN ranks on all of them."))
     return " ".join(out)
 
 
@@ -132,7 +148,7 @@ def _spent(found: dict) -> dict[str, float]:
     """Build + score seconds of the built candidates in a search's search.json, by kind."""
     spent: dict[str, float] = {}
     for c in found["candidates"]:
-        if c["kld"] is not None:
+        if _measured(c):
             kind = c["label"].split()[0]
             spent[kind] = round(spent.get(kind, 0.0) + c["seconds"], 1)
     return spent
@@ -144,7 +160,8 @@ def _backfill(records: list[dict]) -> None:
     for r in records:
         if r["key"] == "gptq" or "seconds_by_kind" in r or "chosen" not in r:
             continue
-        path = WORK / f"search-{r['kind']}-{r['key'].split(':')[1]}" / "search.json"
+        path = _out_dir(r["kind"], r["key"].split()[0].split(":")[1],
+                        r["space"].get("rank_tokens_per_domain", 0)) / "search.json"
         if path.exists():
             found = json.loads(path.read_text())
             if found["chosen"] == r["chosen"]:
@@ -178,7 +195,8 @@ def _save(records: list[dict]) -> None:
         ours, theirs = kn.get("compactor"), kn.get("llama.cpp")
         ratio = (lc["kld_mean"] / ours["kld_mean"]) if lc and ours else None
         rows.append(f"| {r['key']} | {(r.get('chosen') or {}).get('label', 'FAILED: ' + str(r.get('error')))} | "
-                    f"{r.get('built', '')} of {r.get('candidates', '')} | "
+                    f"{r.get('built', '')} of {r.get('candidates', '')}"
+                    + (f" ({r['measured_in_full']} in full)" if "measured_in_full" in r else "") + " | "
                     f"{'' if not lc else format(lc['size_bytes'] / 1e6, '.1f')} | {'' if not lc else format(lc['kld_mean'], '.4f')} | "
                     f"{_named(ours)} | "
                     f"{'' if ratio is None else format(ratio, '.2f')} | "

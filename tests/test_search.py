@@ -250,7 +250,7 @@ def test_floor_walk_rules_out_a_grid_its_best_embedding_fails():
     pool = [Candidate(f"rtn {g} {e}", [], size, grid=g, embed=e, method="rtn") for (g, e), (size, _) in truth.items()]
     order = []
 
-    def measure(c):
+    def measure(c, rank=False):  # no ranking windows: every measurement is on the evaluation
         if c.kld is None:
             order.append(c.label)
             c.kld = truth[(c.grid, c.embed)][1]
@@ -261,3 +261,66 @@ def test_floor_walk_rules_out_a_grid_its_best_embedding_fails():
     # file (11) is the smallest left and passes too; c's 12 is larger than that answer.
     assert order == ["rtn a e8", "rtn b e8", "rtn b e4"] and chosen.label == "rtn b e4"
     assert "misses the floor already" in next(c for c in pool if c.label == "rtn a e4").why_not
+
+
+def test_floor_walk_ranks_on_the_subset_and_decides_on_the_whole():
+    """Ranking measurements only order the walk; near the floor (or passing it) a candidate is
+    measured on the whole evaluation, and only that measurement decides."""
+    from compactor.search import RANK_MARGIN, _choose_floor
+
+    # (size, KLD on the whole evaluation, KLD on the ranking windows)
+    truth = {"a": (10, 0.50, 0.45), "b": (14, 0.33, 0.29), "c": (20, 0.05, 0.06)}
+    pool = [Candidate(f"rtn {g}", [], size, grid=g, embed="e8", method="rtn") for g, (size, *_) in truth.items()]
+    full = []
+
+    def measure(c, rank=False):
+        _, whole, sub = truth[c.grid]
+        if rank and c.rank_kld is None and c.kld is None:
+            c.rank_kld, c.rank_ppl_ratio = sub, 1 + sub
+        elif not rank and c.kld is None:
+            full.append(c.grid)
+            c.kld, c.ppl_ratio = whole, 1 + whole
+
+    chosen = _choose_floor(Target(max_kld=0.3), pool, ("rtn",), 1, measure, ("a", "b", "c"))
+    # a misses by far on the subset: ranked only. b passes on the subset (0.29) but fails on the
+    # whole (0.33): not chosen. c is measured in full and chosen.
+    assert 0.45 > 0.3 * (1 + RANK_MARGIN)
+    assert full == ["b", "c"] and chosen.grid == "c" and chosen.kld == 0.05
+    assert pool[0].kld is None and pool[0].rank_kld == 0.45
+
+
+def test_rank_subset_takes_the_first_windows_of_each_domain(setup):
+    from compactor.search import rank_subset
+
+    _, _, win, _ = setup
+    per = int(win.score_mask[0].sum())
+    sub = rank_subset({"x": win, "y": win}, per + 1)
+    assert set(sub) == {"x", "y"} and len(sub["x"]) == 2 and torch.equal(sub["x"].input_ids, win.input_ids[:2])
+    assert len(rank_subset(win, 10 ** 9)) == len(win) and len(rank_subset(win, 1)) == 1
+
+
+@pytest.mark.parametrize("kind", ["budget", "floor"])
+def test_search_with_ranking_windows_chooses_on_the_whole_evaluation(setup, kind):
+    from compactor.search import front_table, rank_subset
+
+    loaded, calib, win, ref = setup
+    params = sum(p.numel() for p in loaded.model.parameters())
+    sub = rank_subset(win, 64)
+    assert len(sub) < len(win)
+    if kind == "budget":
+        target = Target(max_bpw=grid_bytes(loaded.model, "q5_0", "q8_0") * 8 / params)
+    else:
+        full = search(loaded, Target(max_kld=1e9), calib, win, ref, grids=("q5_0",), embeds=("q8_0",),
+                      methods=("rtn",), progress=False)["chosen"]
+        target = Target(max_kld=full.kld * 1.001)
+    res = search(loaded, target, calib, win, ref, grids=GRIDS, mixed=False, progress=False, rank_windows=sub)
+    chosen = res["chosen"]
+    assert chosen.kld is not None and target.passes(chosen) if kind == "floor" else chosen.kld is not None
+    ranked_only = [c for c in res["candidates"] if c.rank_kld is not None and c.kld is None]
+    assert ranked_only and all(c.method == "rtn" for c in ranked_only)  # ranking saved whole evaluations
+    assert all(c.kld is not None for c in res["front"]) and not any(c in res["front"] for c in ranked_only)
+    measured = [c for c in res["candidates"] if c.kld is not None]
+    assert chosen.kld == min(c.kld for c in measured if target.fits(c.size_bytes, params)) if kind == "budget" \
+        else chosen.size_bytes == min(c.size_bytes for c in measured if target.passes(c))
+    assert "measured on the ranking windows only" in front_table(res)
+    assert res["tokens"]["ranking"] < res["tokens"]["evaluation"]

@@ -30,7 +30,7 @@ def _space():
     return out
 
 
-def _measure(c):
+def _measure(c, rank=False):  # no ranking windows: measured on the evaluation
     if c.kld is None:
         c.kld, c.fields["decode_speedup"] = c.fields["_truth"]
         c.ppl_ratio = 1 + c.kld

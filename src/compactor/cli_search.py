@@ -20,7 +20,7 @@ def cmd_search(args) -> int:
     from compactor.models.load import load_model
     from compactor.recipe import Recipe, run_recipe
     from compactor.recipe.runner import write_applied
-    from compactor.search import EMBED_TYPES, GRIDS, Pruning, Target, front_table, search, to_json
+    from compactor.search import EMBED_TYPES, GRIDS, Pruning, Target, front_table, rank_subset, search, to_json
 
     target = Target(args.max_size, args.max_bpw, args.max_kld, args.max_ppl_ratio, args.min_decode_speedup)
     if target.min_decode_speedup is not None and target.min_decode_speedup <= 0:
@@ -51,15 +51,18 @@ def cmd_search(args) -> int:
         from compactor.search_speed import SpeedProbe
 
         probe = SpeedProbe(loaded, state / "speed", threads=args.threads)
+    if args.rank_tokens < 0:
+        raise CompactorError(f"--rank-tokens must be 0 or positive, got {args.rank_tokens}")
+    rank = rank_subset(win, args.rank_tokens) if args.rank_tokens else None
     settings = {k: getattr(args, k) for k in ("model", "calib_data", "samples", "calib_window", "eval_data",
-                                              "eval_tokens", "eval_window", "eval_stride", "bos")}
+                                              "eval_tokens", "eval_window", "eval_stride", "bos", "rank_tokens")}
     if probe is not None:
         settings["speed"] = probe.settings()
     result = search(loaded, target, calib, win, ref, grids=grids, embeds=embeds,
                     methods=tuple(args.methods.split(",")), mixed=not args.no_mixed, top=args.top,
                     progress=not args.quiet, pruning=pruning, model_spec=args.model, calib_spec=args.calib_data,
                     eval_spec=args.eval_data, work_dir=state / "candidates", header=header,
-                    cache_file=state / "measured.json", settings=settings, speed=probe)
+                    cache_file=state / "measured.json", settings=settings, speed=probe, rank_windows=rank)
     table = front_table(result)
     chosen = result["chosen"]
     print(table)
@@ -110,6 +113,10 @@ def add_search_parser(sub) -> None:
     se.add_argument("--top", type=int, default=1,
                     help="configurations (grid + embedding type) the calibrated methods are built on, "
                          "best by the first method first (default 1)")
+    se.add_argument("--rank-tokens", type=int, default=1024, metavar="N",
+                    help="the first method ranks on the first N scored tokens of each evaluation domain; "
+                         "anything that can be chosen is measured on the whole evaluation (default 1024; "
+                         "0: rank on the whole evaluation)")
     se.add_argument("--resume", action="store_true",
                     help="reuse the measurements of an interrupted search with the same --out")
     se.add_argument("--no-mixed", action="store_true", help="leave the mixed-precision planner out of a budget search")

@@ -10,7 +10,10 @@ header included — is known before any work, so candidates that cannot fit are 
 Cheapest first. The first method (RTN: seconds) ranks configurations — a grid with an
 embedding type — and the calibrated methods (minutes) are built only on the best ``top``
 of them: they improve on RTN by similar factors on neighbouring grids, so RTN's order is
-theirs (an assumption the search records, not a proof).
+theirs (an assumption the search records, not a proof). With ``rank_windows`` (a subset of
+the evaluation windows: scoring is most of an RTN candidate's cost) the ranking is measured
+there; a candidate is measured on the whole evaluation before it can be chosen or rule a
+grid out near the floor (within ``RANK_MARGIN``), so every choice rests on the full windows.
 
 - Under a budget: for each grid, the largest embedding type that fits (a smaller one at the
   same grid only loses quality), ranked by RTN; the calibrated methods on the best ``top``;
@@ -36,22 +39,29 @@ import json
 from pathlib import Path
 
 from compactor.errors import CompactorError
+from compactor.search_output import front_table, pareto, to_json
 from compactor.search_space import (EMBED_TYPES, GRIDS, METHODS, Candidate, Pruning, Target, cut_to_fit,
                                     grid_bytes, layer_bytes, mixed as mixed_candidate, uniform)
 
-__all__ = ["EMBED_TYPES", "GRIDS", "METHODS", "Candidate", "Pruning", "Target", "grid_bytes", "layer_bytes",
-           "pareto", "search", "front_table", "to_json"]
+__all__ = ["EMBED_TYPES", "GRIDS", "METHODS", "RANK_MARGIN", "Candidate", "Pruning", "Target", "grid_bytes",
+           "layer_bytes", "pareto", "rank_subset", "search", "front_table", "to_json"]
+
+#: A ranking measurement this close to the floor (relative) is re-measured on the whole
+#: evaluation before it rules a grid out: the subset's KLD differs from the whole's by a few
+#: per cent on SmolLM2 (and never decides a choice, which is always measured in full).
+RANK_MARGIN = 0.25
 
 
-def pareto(cands: list[Candidate]) -> list[Candidate]:
-    """The measured candidates no other beats on both size and KLD, smallest first."""
-    done = sorted((c for c in cands if c.kld is not None), key=lambda c: (c.size_bytes, c.kld))
-    front, best = [], float("inf")
-    for c in done:
-        if c.kld < best:
-            front.append(c)
-            best = c.kld
-    return front
+def rank_subset(eval_windows, tokens: int):
+    """The first windows of each domain scoring at least ``tokens`` tokens (all of a domain's
+    windows if it has fewer): the ranking windows, whose reference logits the evaluation's
+    cache already holds. ``eval_windows``: TokenWindows or a dict of them by domain."""
+    def first(w):
+        scored = w.score_mask.sum(1).cumsum(0)
+        n = int((scored < tokens).sum()) + 1
+        return w.select(list(range(min(n, len(w)))))
+
+    return {d: first(w) for d, w in eval_windows.items()} if isinstance(eval_windows, dict) else first(eval_windows)
 
 
 def _key(c: Candidate) -> str:
@@ -62,14 +72,16 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
            methods=METHODS, mixed: bool = True, top: int = 1, progress: bool = True,
            pruning: Pruning | None = None, model_spec: str | None = None, calib_spec: str | None = None,
            eval_spec: str = "domains", work_dir=None, header: int = 0, cache_file=None,
-           settings: dict | None = None, speed=None) -> dict:
+           settings: dict | None = None, speed=None, rank_windows=None) -> dict:
     """Run the search (see the module docstring) on ``loaded`` (a LoadedModel in memory).
     ``reference``: a cached backend of the original. ``header``: the GGUF header's bytes,
     added to every size. ``top``: configurations the calibrated methods are built on.
     ``pruning``: also try depth cuts (``model_spec`` names the original in their recipe;
     they heal on ``pruning.heal_data``, else ``calib_spec``). ``cache_file``: measurements
     kept as they finish and reused (resume) when they were made with the same ``settings``
-    (what else decides a measurement: the model, calibration and evaluation text). Returns {"candidates", "front", "chosen", "params",
+    (what else decides a measurement: the model, calibration and evaluation text).
+    ``rank_windows``: where the first method ranks (:func:`rank_subset`; None: the whole
+    evaluation). Returns {"candidates", "front", "chosen", "params",
     "context"}: ``context``, the recipe-runner context holding the chosen candidate's model
     when this process built it (None when it was measured before a resume)."""
     import dataclasses
@@ -120,42 +132,59 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
     built = itertools.count()  # one work directory per candidate built
     kept: list = [None, None]  # (candidate, its RunContext) of the best measured in this process
 
-    def measure(c: Candidate) -> None:
-        if c.kld is not None:
+    def measure(c: Candidate, rank: bool = False) -> None:
+        """Build ``c`` and score it: on the ranking windows with ``rank`` (when there are
+        any), else on the evaluation windows."""
+        rank = rank and rank_windows is not None
+        if c.kld is not None or (rank and c.rank_kld is not None):
             return
         c.why_not = None
-        resumed = _key(c) in cache
+        key = _key(c) + (" on the ranking windows" if rank else "")
+        resumed = key in cache
         if resumed:  # measured before this run was interrupted
-            got = cache[_key(c)]
-            c.kld, c.ppl_ratio, c.seconds, c.fields = got["kld"], got["ppl_ratio"], got["seconds"], got["fields"]
+            got = cache[key]
+            kld, ppl_ratio, seconds, fields = got["kld"], got["ppl_ratio"], got["seconds"], got["fields"]
         else:
             if progress:
-                print(f"  building {c.label} ({c.size_bytes / 1e6:.2f} MB) ...", flush=True)
+                where = "ranking windows" if rank else "evaluation"
+                print(f"  building {c.label} ({c.size_bytes / 1e6:.2f} MB; scored on the {where}) ...", flush=True)
             t0 = time.perf_counter()
             cand = copy.copy(loaded)
             cand.model = copy.deepcopy(model)
             ctx = _apply(cand, c.steps, loaded, calib, eval_windows, model_spec, work / f"c{next(built)}",
                          progress)
-            r = evaluate(cand.model, eval_windows, reference=reference, speed=False, name=c.label, progress=False)
-            c.kld, c.ppl_ratio = r.kld_mean, r.ppl / r.ref_ppl
-            c.fields = {"ppl": r.ppl, "top1": r.top1, "kld_p99": r.kld_p99, "torch_size_bytes": r.size_bytes}
-            if speed is not None:
-                c.fields.update(speed.measure(cand))
-            c.seconds = time.perf_counter() - t0
-            if _better(target, params, c, kept[0]):
-                ctx._reference_backend = reference
-                kept[:] = [c, ctx]  # the best so far stays in memory: the answer needs no rebuild
+            r = evaluate(cand.model, rank_windows if rank else eval_windows, reference=reference, speed=False,
+                         name=c.label, progress=False)
+            kld, ppl_ratio = r.kld_mean, r.ppl / r.ref_ppl
+            fields = {"ppl": r.ppl, "top1": r.top1, "kld_p99": r.kld_p99, "torch_size_bytes": r.size_bytes}
+            if speed is not None:  # the types decide the speed: timed once per candidate
+                fields.update({k: v for k, v in c.fields.items() if k.startswith("decode_")} or speed.measure(cand))
+            seconds = time.perf_counter() - t0
+            if not rank:
+                c.kld, c.ppl_ratio = kld, ppl_ratio
+                if _better(target, params, c, kept[0]):
+                    ctx._reference_backend = reference
+                    kept[:] = [c, ctx]  # the best so far stays in memory: the answer needs no rebuild
             del cand, ctx
             if cache_file:
-                cache[_key(c)] = {"label": c.label, "kld": c.kld, "ppl_ratio": c.ppl_ratio,
-                                  "seconds": c.seconds, "fields": c.fields}
+                cache[key] = {"label": c.label, "kld": kld, "ppl_ratio": ppl_ratio, "seconds": seconds,
+                              "fields": fields}
                 with atomic_file(cache_file) as tmp:
                     Path(tmp).write_text(json.dumps({"settings": settings, "measured": cache}, indent=1))
+        c.seconds += seconds
+        if rank:
+            c.rank_kld, c.rank_ppl_ratio = kld, ppl_ratio
+            c.fields.update({k: v for k, v in fields.items() if k.startswith("decode_")},
+                            **{f"rank_{k}": v for k, v in fields.items() if not k.startswith("decode_")})
+        else:
+            c.kld, c.ppl_ratio = kld, ppl_ratio
+            c.fields.update(fields)
         if progress:
             fast = (f", decode {c.fields['decode_tok_s']:.0f} tok/s ({c.fields['decode_speedup']:.2f}x)"
                     if "decode_speedup" in c.fields else "")
-            print(f"  {c.label}: {c.size_bytes / 1e6:.2f} MB, KLD {c.kld:.4f}, PPL ratio {c.ppl_ratio:.3f}{fast} "
-                  f"({'measured before, resumed' if resumed else f'{c.seconds:.0f} s'})", flush=True)
+            on = " on the ranking windows" if rank else ""
+            print(f"  {c.label}: {c.size_bytes / 1e6:.2f} MB, KLD {kld:.4f}, PPL ratio {ppl_ratio:.3f}{on}{fast} "
+                  f"({'measured before, resumed' if resumed else f'{seconds:.0f} s'})", flush=True)
 
     try:
         if target.is_budget:
@@ -168,7 +197,13 @@ def search(loaded, target: Target, calib, eval_windows, reference, grids=GRIDS, 
         if scratch is not None:
             scratch.cleanup()
     return {"candidates": pool, "front": pareto(pool), "chosen": chosen, "params": params,
-            "context": kept[1] if kept[0] is chosen else None}
+            "context": kept[1] if kept[0] is chosen else None,
+            "tokens": {"evaluation": _scored(eval_windows),
+                       "ranking": _scored(rank_windows) if rank_windows is not None else None}}
+
+
+def _scored(windows) -> int:
+    return sum(w.n_scored for w in windows.values()) if isinstance(windows, dict) else windows.n_scored
 
 
 def _better(target: Target, params: int, c: Candidate, best: Candidate | None) -> bool:
@@ -191,18 +226,20 @@ def _choose_budget(target: Target, fitting: list[Candidate], methods, top: int, 
             c.why_not = f"a larger embedding fits with {c.grid}"
     ranked = []
     for c in sorted(best_embed.values(), key=lambda c: c.size_bytes):
-        measure(c)
+        measure(c, rank=True)
         ranked.append(c)
-    ranked = sorted((c for c in ranked if target.fast(c)), key=lambda c: c.kld)[:top]
+    ranked = sorted((c for c in ranked if target.fast(c)), key=lambda c: c.score()[0])[:top]
+    for r in ranked:  # the best ranked compete in the choice: measured on the whole evaluation
+        measure(r)
     for m in methods[1:]:
         for r in ranked:
             measure(next(c for c in fitting if (c.grid, c.embed, c.method) == (r.grid, r.embed, m)))
     for c in fitting:
         if c.method is None:  # the mixed plan and the cuts
             measure(c)
-        elif c.kld is None and c.why_not is None:
+        elif not c.measured and c.why_not is None:
             slow = next((r for r in fitting if r.method == proxy and (r.grid, r.embed) == (c.grid, c.embed)
-                         and r.kld is not None and not target.fast(r)), None)
+                         and r.measured and not target.fast(r)), None)
             c.why_not = ("its configuration is too slow" if slow else
                          f"{proxy} ranked its configuration below the best {top}")
     ok = [c for c in fitting if c.kld is not None and target.fast(c)]
@@ -238,42 +275,49 @@ def _choose_floor(target: Target, pool: list[Candidate], methods, top: int, meas
     configs = [c for c in pool if c.method == proxy]
     best_of = _largest_embedding(configs, proxy)
     chosen, tried, ruled_out = None, [], set()
-    for c in sorted(best_of.values(), key=lambda c: (c.size_bytes, c.grid)):
-        measure(c)
+
+    def verdict(c: Candidate) -> bool:
+        """Ranked, then measured in full when the ranking says it meets the floor or nearly."""
+        measure(c, rank=True)
         tried.append(c)
-        if target.passes(c):
+        if c.kld is None and target.near(*c.score(), RANK_MARGIN):
+            measure(c)
+        return c.kld is not None and target.passes(c)
+
+    for c in sorted(best_of.values(), key=lambda c: (c.size_bytes, c.grid)):
+        if verdict(c):
             chosen = c
             break
-        if not target.meets(c.kld, c.ppl_ratio):
+        if not target.meets(*c.score()):
             ruled_out.add(c.grid)
     if chosen is not None:
-        for c in sorted((c for c in configs if c.kld is None and c.grid not in ruled_out
+        for c in sorted((c for c in configs if not c.measured and c.grid not in ruled_out
                          and c.size_bytes < chosen.size_bytes), key=lambda c: (c.size_bytes, c.grid)):
-            measure(c)
-            tried.append(c)
-            if target.passes(c):
+            if verdict(c):
                 chosen = c
                 break
     for c in pool:
-        if c.kld is None and c.grid in ruled_out and c.method == proxy:
+        if not c.measured and c.grid in ruled_out and c.method == proxy:
             c.why_not = f"{c.grid} with its largest embedding misses the floor already"
     for m in methods[1:]:
         limit = chosen.size_bytes if chosen is not None else float("inf")
-        closest = sorted((c for c in tried if c.size_bytes < limit and target.fast(c)), key=lambda c: c.kld)[:top]
+        closest = sorted((c for c in tried if c.size_bytes < limit and target.fast(c)),
+                         key=lambda c: c.score()[0])[:top]
         for r in closest:
             c = next(c for c in pool if (c.grid, c.embed, c.method) == (r.grid, r.embed, m))
             measure(c)
             if target.passes(c) and (chosen is None or c.size_bytes < chosen.size_bytes):
                 chosen = c
     for c in pool:
-        if c.kld is None and c.why_not is None:
+        if not c.measured and c.why_not is None:
             c.why_not = "not needed to prove the answer"
     if chosen is None and any(target.meets(c.kld, c.ppl_ratio) for c in pool if c.kld is not None):
         raise CompactorError(_too_slow(target, pool))
     if chosen is None:
-        last = max((c for c in pool if c.kld is not None), key=lambda c: c.size_bytes)
+        last = max((c for c in pool if c.measured), key=lambda c: c.size_bytes)
+        kld, ppl = last.score()
         raise CompactorError("search: no candidate meets the quality floor (the largest tried, "
-                             f"{last.label}, measured KLD {last.kld:.4f}, PPL ratio {last.ppl_ratio:.3f}; "
+                             f"{last.label}, measured KLD {kld:.4f}, PPL ratio {ppl:.3f}; "
                              f"grids {', '.join(grids)})")
     return chosen
 
@@ -311,33 +355,3 @@ def _apply(cand, steps: list[dict], original, calib, eval_windows, model_spec, w
         apply_step(ctx, step.config, progress=progress and step.name == "distill")  # training shows progress
         ctx.log.append({"stage": "candidate", "step": step.name, "seconds": round(time.perf_counter() - t0, 3)})
     return ctx
-
-
-def front_table(result: dict) -> str:
-    """The candidates as a Markdown table: size, bpw, KLD, PPL ratio, front and choice marked."""
-    front = {id(c) for c in result["front"]}
-    timed = any("decode_speedup" in c.fields for c in result["candidates"])
-    spd = " decode tok/s (x F16) |" if timed else ""
-    rows = [f"| candidate | predicted MB | bpw | KLD | PPL ratio |{spd} s | |",
-            "|---|---|---|---|---|" + "---|" * (3 if timed else 2)]
-    for c in sorted(result["candidates"], key=lambda c: c.size_bytes):
-        mark = "**chosen**" if c is result["chosen"] else ("front" if id(c) in front else "")
-        fast = ""
-        if timed:
-            fast = (f" {c.fields['decode_tok_s']:.0f} ({c.fields['decode_speedup']:.2f}x) |"
-                    if "decode_speedup" in c.fields else " |")
-        rows.append(f"| {c.label} | {c.size_bytes / 1e6:.2f} | {c.size_bytes * 8 / result['params']:.2f} | "
-                    + (f"not built: {c.why_not} | |{' |' if timed else ''} |" if c.kld is None
-                       else f"{c.kld:.4f} | {c.ppl_ratio:.3f} |{fast} {c.seconds:.0f} |")
-                    + f" {mark} |")
-    return "\n".join(rows)
-
-
-def to_json(result: dict) -> str:
-    def one(c):
-        return {"label": c.label, "steps": c.steps, "size_bytes": c.size_bytes, "kld": c.kld,
-                "ppl_ratio": c.ppl_ratio, "seconds": round(c.seconds, 1), "why_not": c.why_not, **c.fields}
-
-    return json.dumps({"params": result["params"], "chosen": one(result["chosen"]),
-                       "front": [one(c) for c in result["front"]],
-                       "candidates": [one(c) for c in result["candidates"]]}, indent=1)

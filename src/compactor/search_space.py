@@ -60,6 +60,12 @@ class Target:
         return ((self.max_kld is None or kld <= self.max_kld)
                 and (self.max_ppl_ratio is None or ppl_ratio <= self.max_ppl_ratio))
 
+    def near(self, kld: float, ppl_ratio: float, margin: float) -> bool:
+        """Whether a measurement meets the floor loosened by ``margin`` (0.25: 25 % more KLD,
+        25 % more PPL excess): one close enough that a noisier measurement must not decide it."""
+        return ((self.max_kld is None or kld <= self.max_kld * (1 + margin))
+                and (self.max_ppl_ratio is None or ppl_ratio - 1 <= (self.max_ppl_ratio - 1) * (1 + margin)))
+
     def fast(self, c: Candidate) -> bool:
         """Whether a measured candidate meets the speed limit (always, when there is none)."""
         return self.min_decode_speedup is None or c.fields.get("decode_speedup", 0.0) >= self.min_decode_speedup
@@ -77,14 +83,25 @@ class Candidate:
     label: str
     steps: list[dict]  # recipe steps, applied in order
     size_bytes: float
-    kld: float | None = None
+    kld: float | None = None  # on the evaluation windows (None: not measured there)
     ppl_ratio: float | None = None
-    seconds: float = 0.0
+    seconds: float = 0.0  # every build and measurement of it, ranking included
+    rank_kld: float | None = None  # on the ranking windows, a subset (ordering only)
+    rank_ppl_ratio: float | None = None
     fields: dict = field(default_factory=dict)
     grid: str | None = None
     embed: str | None = None
     method: str | None = None
     why_not: str | None = None  # why it was not built, when it was not
+
+    def score(self) -> tuple[float, float]:
+        """(KLD, PPL ratio): on the evaluation windows when measured there, else the ranking's."""
+        return (self.kld, self.ppl_ratio) if self.kld is not None else (self.rank_kld, self.rank_ppl_ratio)
+
+    @property
+    def measured(self) -> bool:
+        """Measured at all (on the evaluation windows or only on the ranking windows)."""
+        return self.kld is not None or self.rank_kld is not None
 
 
 def _bpw(name: str, in_features: int) -> float:
