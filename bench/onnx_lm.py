@@ -12,8 +12,10 @@
 * Every file is scored in its runtime on the four evaluation domains against the float
   reference (KLD, top-1, PPL), and against the quantized model in memory (the export's own
   verification on 2,048 tokens).
-* Speed: prefill tokens/s of one 512-token window, median of 3, 2 threads, each runtime in
-  turn in one pass; the ONNX graph has no KV cache, so it has no decode figure.
+* Speed: prefill tokens/s of one 512-token window and decode tokens/s of 64 tokens on the
+  runtime's KV cache (the ONNX graph's ``past_key_values`` / ``present`` since the cache graph;
+  rows measured before it say "no KV cache"), median of 3, 2 threads, each runtime in turn in
+  one pass. ``--resume --redo ONNX`` measures the ONNX rows again with today's export.
 
 Rows are saved to bench/results/onnx_lm.json as they finish (``--resume`` skips them).
 """
