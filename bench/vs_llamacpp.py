@@ -67,6 +67,8 @@ OURS = (
     # the planned weights take 5.29 / 5.44 bpw, the header and norms ~1.93 MB more.
     ("mixed", "5.29", ("planned",)),
     ("mixed", "5.44", ("planned",)),
+    # AutoRound's and llama.cpp's Q4_K_M file (105.45 MB): 6.15 bpw fills it to ~0.2 MB.
+    ("mixed", "6.15", ("planned",)),
 )
 JSON = RESULTS / "vs_llamacpp.json"
 
