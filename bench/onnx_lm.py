@@ -136,6 +136,8 @@ def _speed(rows, ref) -> None:
     load = os.getloadavg()[0]
     for r in rows:
         f = r.get("file")
+        if f and not os.path.exists(f):  # a stored row whose file is gone: measure it again (--redo)
+            raise SystemExit(f"{r['name']}: its file {f} is gone; run with --resume --redo '{r['name']}'")
         if f and f.endswith(".onnx"):
             be = OnnxBackend(f, threads=2)
         elif f:
