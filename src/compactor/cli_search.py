@@ -25,6 +25,8 @@ def cmd_search(args) -> int:
     target = Target(args.max_size, args.max_bpw, args.max_kld, args.max_ppl_ratio, args.min_decode_speedup)
     if target.min_decode_speedup is not None and target.min_decode_speedup <= 0:
         raise CompactorError(f"--min-decode-speedup must be positive, got {target.min_decode_speedup}")
+    if args.rank_tokens < 0:  # refused before anything is loaded or written
+        raise CompactorError(f"--rank-tokens must be 0 or positive, got {args.rank_tokens}")
     loaded = load_model(args.model)
     by_domain = domain_windows(loaded.tokenizer, args.eval_data, args.eval_window, args.eval_stride, args.bos,
                                args.eval_tokens)
@@ -51,8 +53,6 @@ def cmd_search(args) -> int:
         from compactor.search_speed import SpeedProbe
 
         probe = SpeedProbe(loaded, state / "speed", threads=args.threads)
-    if args.rank_tokens < 0:
-        raise CompactorError(f"--rank-tokens must be 0 or positive, got {args.rank_tokens}")
     rank = rank_subset(win, args.rank_tokens) if args.rank_tokens else None
     settings = {k: getattr(args, k) for k in ("model", "calib_data", "samples", "calib_window", "eval_data",
                                               "eval_tokens", "eval_window", "eval_stride", "bos", "rank_tokens")}
