@@ -86,6 +86,7 @@ def main() -> None:
     ap.add_argument("--types", nargs="*", default=list(LLAMACPP), help="llama.cpp types to make")
     ap.add_argument("--methods", nargs="*", default=None, help="only our rows of these methods (e.g. mixed gptq)")
     ap.add_argument("--grids", nargs="*", default=None, help="only our rows on these grids (e.g. q4_0)")
+    ap.add_argument("--render-only", action="store_true", help="re-render the tables from the stored JSON")
     args = ap.parse_args()
     work = home() / "bench" / "vs_llamacpp"
     work.mkdir(parents=True, exist_ok=True)
@@ -98,6 +99,9 @@ def main() -> None:
     cached_ref = CachedBackend(TorchBackend(ref.model, "reference"), half=True,
                                directory=work / "reference-logits")
     setup = {"eval": {s: w.provenance for s, w in win.items()}, "calibration": {}}
+    if args.render_only:
+        _write(rows, setup)
+        return
     ref_params = sum(p.numel() for p in ref.model.parameters())
     for spec in args.calib:
         calib = windows_for(ref.tokenizer, spec, 512, max_tokens=args.calib_samples * 512)
@@ -115,6 +119,7 @@ def _one_calibration(args, ref, ref_params, win, calib, spec, cached_ref, rows, 
                          calibration=spec if calibrated else None, params=r.params,
                          bpw=path.stat().st_size * 8 / ref_params, ppl=r.ppl, ref_ppl=r.ref_ppl,
                          kld_mean=r.kld_mean, kld_p99=r.kld_p99, top1=r.top1, domains=r.domains,
+                         calibration_windows=calib.provenance.get("n_windows") if calibrated else None,
                          prov=prov, **extra))
         print(f"{name} [{spec}]: {rows[-1]['bpw']:.3f} bpw mean KLD {r.kld_mean:.4f}", flush=True)
         _write(rows, setup)
@@ -303,6 +308,20 @@ def _plot(rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def _calibrations(rows: list[dict], setup: dict) -> dict:
+    """Every calibration set some stored row used (calib:mix, the headline, first), with its window
+    count: from the rows where they recorded it, else from this run's setup, else None. The goal
+    tables render for all of them, not only for the sets this run calibrated on."""
+    specs = sorted({r["calibration"] for r in rows if r.get("calibration")}, key=lambda s: (s != "calib:mix", s))
+    out = {}
+    for spec in specs:
+        counts = {r["calibration_windows"] for r in rows
+                  if r.get("calibration") == spec and r.get("calibration_windows")}
+        here = setup["calibration"].get(spec, {}).get("n_windows")
+        out[spec] = "/".join(str(c) for c in sorted(counts | ({here} if here else set()))) or None
+    return out
+
+
 def _write(rows: list[dict], setup: dict) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     JSON.write_text(json.dumps(rows, indent=1))
@@ -319,7 +338,7 @@ def _write(rows: list[dict], setup: dict) -> None:
                      f"{r['bpw']:.3f} | " + " | ".join(f"{r['domains'][d]['kld_mean']:.4f}" for d in specs)
                      + f" | {r['kld_mean']:.4f} | {100 * r['top1']:.1f} | {spd} | {prov_ref(rows, r)} |")
     ev = setup["eval"]
-    cal = setup["calibration"]
+    cal = _calibrations(rows, setup)
     goals = []
     for spec in cal:
         goals.append(f"\n### Calibrated on {spec}\n\n"
@@ -333,7 +352,7 @@ def _write(rows: list[dict], setup: dict) -> None:
                                                f"{v.get('tokens_scored')} scored tokens)" for s, v in ev.items())
         + "; no BOS; KLD against the float reference in torch. Calibration sets (each used by both "
         "tools: our GPTQ/AWQ and llama.cpp's importance matrix): "
-        + "; ".join(f"{s} ({v.get('n_windows')} x 512)" for s, v in cal.items())
+        + "; ".join(f"{s} ({n} x 512)" if n else f"{s} (window count not recorded)" for s, n in cal.items())
         + ". c:eval is in no calibration set. All files run in llama.cpp (llama-cpp-python), 2 threads. "
         "Speed: median of 3 runs per file, on a shared machine.\n\n"
         "Caveat: the reference is the dequantized Q4_1 GGUF, so llama.cpp's Q4_1 reproduces it almost "
