@@ -430,12 +430,13 @@ def main() -> None:
     ap.add_argument("--teacher-tokens", type=int, default=1024, help="teacher part: training tokens")
     ap.add_argument("--baseline-src", default=None, help="vocab part: also run another checkout's code")
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--redo", nargs="*", default=[], metavar="PART",
-                    help="with --resume: drop these parts' stored rows and measure them again (side by side)")
+    ap.add_argument("--redo", nargs="*", default=[], metavar="PART_OR_KEY",
+                    help="with --resume: drop these parts' stored rows (or the rows of these keys, "
+                    "e.g. 'synthetic gptq 8') and measure them again")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     records = json.loads(JSON.read_text()) if JSON.exists() and (args.resume or args.table_only) else []
-    records = [r for r in records if r.get("part") not in args.redo]
+    records = [r for r in records if r.get("part") not in args.redo and r["key"] not in args.redo]
     if args.table_only:
         return _write(records)
     provenance()
