@@ -69,6 +69,11 @@ OURS = (
     ("mixed", "5.44", ("planned",)),
     # AutoRound's and llama.cpp's Q4_K_M file (105.45 MB): 6.15 bpw fills it to ~0.2 MB.
     ("mixed", "6.15", ("planned",)),
+    # The same planner with IQ4_NL (4.5 bpw, a non-uniform 16-level grid on 32-weight blocks)
+    # among the candidates: at SmolLM2's 576-wide rows the K-quants fall back on every
+    # 576-column tensor, so the 4.5-bpw choices there are Q4_0 and IQ4_NL.
+    ("mixed+iq4_nl", "5.25", ("planned",)),
+    ("mixed+iq4_nl", "5.29", ("planned",)),
 )
 JSON = RESULTS / "vs_llamacpp.json"
 
@@ -157,8 +162,10 @@ def _one_calibration(args, ref, ref_params, win, calib, spec, cached_ref, rows, 
                 continue
             model = copy.deepcopy(ref.model)
             t0 = time.perf_counter()
-            if method == "mixed":
-                cfg = MixedPrecisionConfig(target_bpw=float(grid), then="gptq")
+            if method.startswith("mixed"):
+                extra = tuple(method.split("+")[1:])
+                cfg = MixedPrecisionConfig(target_bpw=float(grid), then="gptq",
+                                           candidates=MixedPrecisionConfig.candidates + extra)
                 apply_planned(model, calib, cfg, plan_mixed_precision, adapter=ref.adapter, progress=False)
             else:
                 quantize(model, method, GRIDS[grid], calib, dtype)
@@ -195,8 +202,9 @@ def _speeds(args, rows, setup) -> None:
 
 
 def _our_name(method: str, grid: str, embed: str) -> str:
-    if method == "mixed":
-        return f"compactor mixed {grid} bpw (KL) + GPTQ, embed planned"
+    if method.startswith("mixed"):
+        extra = "".join(f", +{c.upper()}" for c in method.split("+")[1:])
+        return f"compactor mixed {grid} bpw (KL{extra}) + GPTQ, embed planned"
     return f"compactor {method.upper()} {grid.upper()}, embed {embed.upper()}"
 
 
