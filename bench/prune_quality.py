@@ -145,32 +145,55 @@ def main() -> None:
     _write(rows, win, calib)  # also re-renders rows added by bench/prune_llmcompressor.py
 
 
+def _pct(x) -> str:
+    return "not recorded" if x is None else f"{x:.1%}"
+
+
 def _schedule_finding(rows) -> str:
-    """Why llm-compressor's rows differ from ours, from the one-pass rows when they exist."""
+    """What llm-compressor's rows pruned (from each row's recorded ignore list and the sparsity
+    its head / embedding ended with), and how much of the gap to ours each explanation closes:
+    the head pruned with the decoder linears, and the one-pass calibration schedule."""
+    llmc = [r for r in rows if r["row"].startswith("llm-compressor")]
+    if not llmc:
+        return ""
+    table = ["| llm-compressor row | ignore list | head sparsity | embedding sparsity | head tied | KLD mean |",
+             "|---|---|---|---|---|---|"]
+    for r in llmc:
+        table.append(f"| {r['row']} | {r.get('ignore', 'not recorded')} | {_pct(r.get('head_sparsity'))} | "
+                     f"{_pct(r.get('embedding_sparsity'))} | {r.get('head_tied', 'not recorded')} | "
+                     f"{r['kld_mean']:.4f} |")
     by = {r["row"]: r for r in rows}
     out = []
     for m in ("wanda", "sparsegpt"):
-        ours, theirs = by.get(f"{m} unstructured"), next((r for n, r in by.items() if n.startswith(
-            "llm-compressor") and n.endswith(f"{m} unstructured")), None)
-        one = [by[k] for k in ONE_PASS if k in by and k.startswith(m)]
-        if not (ours and theirs and one):
+        ours = by.get(f"{m} unstructured")
+        mine = [r for r in llmc if f" {m} unstructured" in r["row"]]
+        kept = next((r for r in mine if r.get("head_sparsity") == 0), None)
+        pruned = next((r for r in mine if (r.get("head_sparsity") or 0) > 0), None)
+        if not (ours and (kept or pruned)):
             continue
-        parts = ", ".join(f"{r['row']} {r['kld_mean']:.4f}" for r in one)
-        gap = theirs["kld_mean"] - ours["kld_mean"]
-        shares = ", ".join(f"{r['row']}: {100 * (r['kld_mean'] - ours['kld_mean']) / gap:.0f} % of the gap"
-                           for r in one) if gap > 0 else "no gap"
-        out.append(f"- {m}: ours (true-sequential inside each layer) {ours['kld_mean']:.4f}; {parts}; "
-                   f"{theirs['row']} {theirs['kld_mean']:.4f} — {shares}.")
-    if not out:
-        return ""
-    return ("\n\n### Is the gap to llm-compressor its calibration schedule?\n\n"
-            "Both compute the same Wanda score (|W| · ‖x‖ per input column, pruned per output row) on "
-            "the same linears (every decoder linear, not the head) and feed each layer the previous "
-            "pruned layer's output. One difference, read in its code: llm-compressor calibrates all of "
-            "a layer's linears in one pass over its input (o_proj and down_proj see the dense "
-            "attention and MLP activations), ours is true-sequential inside the layer. The one-pass "
-            "rows run our code on that schedule (', fp32': also its float32 forward); the share of "
-            "the gap each closes is computed here:\n\n" + "\n".join(out))
+        parts = [f"ours (true-sequential inside each layer) {ours['kld_mean']:.4f}"]
+        parts += [f"{by[k]['row']} {by[k]['kld_mean']:.4f}" for k in ONE_PASS if k in by and k.startswith(m)]
+        for tag, r in (("head kept", kept), ("head pruned", pruned)):
+            if r is not None:
+                parts.append(f"llm-compressor, {tag} {r['kld_mean']:.4f} ({ratio_txt(r, ours)} ours)")
+        if kept and pruned and pruned["kld_mean"] > ours["kld_mean"]:
+            share = (pruned["kld_mean"] - kept["kld_mean"]) / (pruned["kld_mean"] - ours["kld_mean"])
+            parts.append(f"pruning the head made {100 * share:.0f} % of the first rows' gap")
+        out.append(f"- {m}: " + "; ".join(parts) + ".")
+    return ("\n\n### What llm-compressor pruned, and the gap to ours\n\n"
+            "Both compute the same score (Wanda: |W| · ‖x‖ per input column, pruned per output row; "
+            "SparseGPT: the OBS update) and feed each layer the previous pruned layer's output. Read in "
+            "its code (0.14.0.1, sgpt_base.py): a target module that is itself a Linear is named "
+            "`f\"{layer_name}.{name}\"` with an empty name, so the head is matched as `lm_head.` and an "
+            "ignore list of `lm_head` does not hold — its warning advises `re:.*lm_head`. The head and "
+            "embedding sparsity below are measured on each row's pruned model. A second difference: "
+            "llm-compressor calibrates all of a layer's linears in one pass over its input, ours is "
+            "true-sequential inside the layer; the one-pass rows run our code on that schedule "
+            "(', fp32': also its float32 forward).\n\n" + "\n".join(table) + "\n\n" + "\n".join(out))
+
+
+def ratio_txt(r, ours) -> str:
+    return f"{r['kld_mean'] / ours['kld_mean']:.2f}×"
 
 
 def _write(rows, win, calib) -> None:
