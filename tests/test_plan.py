@@ -35,6 +35,15 @@ def test_plan_items_scale_with_what_is_held(tiny_dir):
     assert mem.fits and "estimated peak RSS" in mem.describe()
 
 
+def test_whole_weight_rounding_counted_where_a_step_rounds_whole_weights(tiny_dir):
+    """RTN rounds a whole weight at once (four float32 copies of the largest linear, in the
+    layer phase when streamed); GPTQ rounds block by block and counts its solver instead."""
+    key = "rounding the largest linear (float32 temporaries)"
+    rtn = _plan(tiny_dir, streamed=True, statistics=set(), calib=None)
+    assert dict(rtn.items)[key] == 64 * 128 * 4 * 4 and rtn.phases[key] == "layer"
+    assert key not in dict(_plan(tiny_dir, streamed=True).items)
+
+
 def test_over_the_cap_names_estimate_cap_and_what_fits(tiny_dir):
     plan = _plan(tiny_dir, max_memory="150MB", calib=(4096, 512))
     assert not plan.fits
