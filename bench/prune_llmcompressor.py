@@ -60,6 +60,8 @@ def main() -> None:
     ds = Dataset.from_dict({"input_ids": calib.input_ids.tolist(),
                             "attention_mask": torch.ones_like(calib.input_ids).tolist()})
     cached = CachedBackend(TorchBackend(ref.model, "reference"), half=True)
+    # the reference's own exact zeros (its embedding was dequantized from the bundled GGUF)
+    orig_zeros = float((ref.model.get_input_embeddings().weight == 0).float().mean())
     rows = json.loads(JSON.read_text()) if JSON.exists() else []
     for row in a.rows:
         name = f"llm-compressor {llmcompressor.__version__} {row}"
@@ -86,7 +88,7 @@ def main() -> None:
                    ref_ppl=r.ref_ppl, kld_mean=r.kld_mean, kld_p99=r.kld_p99, top1=r.top1,
                    sparsity=overall(sparsity_report(model, linears)), ignore=list(a.ignore),
                    head_sparsity=float((head_w == 0).float().mean()),
-                   embedding_sparsity=float((embed_w == 0).float().mean()),
+                   embedding_sparsity=float((embed_w == 0).float().mean()), original_embedding_zeros=orig_zeros,
                    head_tied=head_w.data_ptr() == embed_w.data_ptr(), prov=provenance())
         rows = [x for x in rows if x["row"] != name] + [rec]
         JSON.write_text(json.dumps(rows, indent=1))

@@ -156,6 +156,7 @@ def _schedule_finding(rows) -> str:
     llmc = [r for r in rows if r["row"].startswith("llm-compressor")]
     if not llmc:
         return ""
+    orig = next((r["original_embedding_zeros"] for r in llmc if "original_embedding_zeros" in r), None)
     table = ["| llm-compressor row | ignore list | head sparsity | embedding sparsity | head tied | KLD mean |",
              "|---|---|---|---|---|---|"]
     for r in llmc:
@@ -189,7 +190,10 @@ def _schedule_finding(rows) -> str:
             "embedding sparsity below are measured on each row's pruned model. A second difference: "
             "llm-compressor calibrates all of a layer's linears in one pass over its input, ours is "
             "true-sequential inside the layer; the one-pass rows run our code on that schedule "
-            "(', fp32': also its float32 forward).\n\n" + "\n".join(table) + "\n\n" + "\n".join(out))
+            "(', fp32': also its float32 forward)."
+            + ("" if orig is None else f" The original's embedding (the tied head) already has {_pct(orig)} exact "
+               "zeros (it is dequantized from the bundled GGUF).")
+            + "\n\n" + "\n".join(table) + "\n\n" + "\n".join(out))
 
 
 def ratio_txt(r, ours) -> str:
