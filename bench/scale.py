@@ -58,10 +58,12 @@ def timed(cmd: list[str], env: dict | None = None) -> dict:
     m = re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr)
     plan = re.search(r"estimated peak RSS\s+([\d.]+ [GM]B)", proc.stderr)
     err = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    verify = [line for line in proc.stderr.splitlines() + proc.stdout.splitlines() if line.startswith("verification")]
     # A failed run is a result too: recorded with its exit code and message, not dropped.
     return {"seconds": round(wall, 1), "peak_rss_bytes": int(m.group(1)) * 1024 if m else None,
             "planned_peak": plan.group(1) if plan else None, "command": " ".join(cmd[2:]),
             "load_before": round(load, 2), "exit_code": proc.returncode,
+            "verification": verify[-1][:400] if verify else None,
             "error": err[-1][:400] if err else (None if proc.returncode == 0 else proc.stderr[-400:])}
 
 
@@ -178,8 +180,10 @@ def part_synthetic(records, args) -> None:
             gg = WORK / f"synthetic-{layers}l-q4_0.gguf"
             r = timed(compactor("export", str(WORK / f"synthetic-{layers}l-rtn"), "--format", "gguf",
                                 "--stream", "--force", "--out", str(gg)))
+            # A failed export (its verification refused the file) leaves no file: recorded with
+            # its exit code and error line, not a crash of the bench.
             record(records, key, part="synthetic", step="gguf", layers=layers,
-                   disk_bytes=gg.stat().st_size, **r)
+                   disk_bytes=gg.stat().st_size if gg.exists() else None, **r)
         key = f"synthetic gptq {layers}"
         if "gptq" in args.steps and layers in args.gptq_depths and not (args.resume and any(r["key"] == key for r in records)):
             out = WORK / f"synthetic-{layers}l-gptq"
@@ -361,7 +365,9 @@ def _write(records: list[dict]) -> None:
                    f"Shape: {json.dumps(SYNTH)}; 32 layers = 7.38 B parameters (29.5 GB in float32, "
                    "14.8 GB in bf16); the 8-layer cut checks that peak RSS is flat in depth.\n\n"
                    "| step | layers | calib windows | wall s | s / layer | peak RSS GB | planned peak | disk GB | load before | run |\n"
-                   "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+                   "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
+                   + "".join(f"\n{r['step']} {r['layers']} layers, llama.cpp check: {r['verification']}\n"
+                             for r in syn if r.get("verification")))
     tr = [r for r in records if r.get("part") == "torchrun" and r.get("processes")]
     if tr:
         idents = []
