@@ -168,8 +168,11 @@ def _schedule_finding(rows) -> str:
     for m in ("wanda", "sparsegpt"):
         ours = by.get(f"{m} unstructured")
         mine = [r for r in llmc if f" {m} unstructured" in r["row"]]
-        kept = next((r for r in mine if r.get("head_sparsity") == 0), None)
-        pruned = next((r for r in mine if (r.get("head_sparsity") or 0) > 0), None)
+        # kept: the head has no zeros beyond the original's own; pruned: clearly more
+        base = orig or 0.0
+        kept = next((r for r in mine if r.get("head_sparsity") is not None
+                     and r["head_sparsity"] <= base + 1e-3), None)
+        pruned = next((r for r in mine if (r.get("head_sparsity") or 0) > base + 0.05), None)
         if not (ours and (kept or pruned)):
             continue
         parts = [f"ours (true-sequential inside each layer) {ours['kld_mean']:.4f}"]
