@@ -179,7 +179,7 @@ def _schedule_finding(rows) -> str:
         parts += [f"{by[k]['row']} {by[k]['kld_mean']:.4f}" for k in ONE_PASS if k in by and k.startswith(m)]
         for tag, r in (("head kept", kept), ("head pruned", pruned)):
             if r is not None:
-                parts.append(f"llm-compressor, {tag} {r['kld_mean']:.4f} ({ratio_txt(r, ours)} ours)")
+                parts.append(f"llm-compressor, {tag} {r['kld_mean']:.4f} ({r['kld_mean'] / ours['kld_mean']:.2f}× ours)")
         if kept and pruned and pruned["kld_mean"] > ours["kld_mean"]:
             share = (pruned["kld_mean"] - kept["kld_mean"]) / (pruned["kld_mean"] - ours["kld_mean"])
             parts.append(f"pruning the head made {100 * share:.0f} % of the first rows' gap")
@@ -197,10 +197,6 @@ def _schedule_finding(rows) -> str:
             + ("" if orig is None else f" The original's embedding (the tied head) already has {_pct(orig)} exact "
                "zeros (it is dequantized from the bundled GGUF).")
             + "\n\n" + "\n".join(table) + "\n\n" + "\n".join(out))
-
-
-def ratio_txt(r, ours) -> str:
-    return f"{r['kld_mean'] / ours['kld_mean']:.2f}×"
 
 
 def _write(rows, win, calib) -> None:

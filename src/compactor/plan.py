@@ -105,16 +105,25 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
     attn_width = heads * head_dim
     items: list[tuple[str, int]] = [("this process now (torch, transformers, tokenizer)",
                                      base_rss if base_rss is not None else psutil.Process().memory_info().rss)]
+    # A streamed run holds one decoder layer with its statistics ("layer"), or the embedding /
+    # head (capture, writing the outer parts, the evaluation's head: "outer"), never both.
+    phases: dict[str, str] = {}
+
+    def add(name: str, nbytes: int, phase: str | None = None) -> None:
+        items.append((name, nbytes))
+        if streamed and phase:
+            phases[name] = phase
+
     if streamed:
         # float32 layer + its reduced-precision shadow + codes and dequantized copies
-        items.append(("largest decoder layer (streamed; float32, shadow, codes)", layer_params * 4 * 2))
-        items.append(("embedding / head while materialized (float32)", outer * 4))
+        add("largest decoder layer (streamed; float32, shadow, codes)", layer_params * 4 * 2, "layer")
+        add("embedding / head while materialized (float32)", outer * 4, "outer")
     else:
-        items.append(("model weights in memory (float32)", total_params * 4))
+        add("model weights in memory (float32)", total_params * 4)
         # transformers maps the checkpoint while the weights are copied out of it: both count
-        items.append(("loading: the mapped checkpoint beside the copies", total_params * 4))
+        add("loading: the mapped checkpoint beside the copies", total_params * 4)
         if reference:
-            items.append(("reference model in memory (float32)", total_params * 4))
+            add("reference model in memory (float32)", total_params * 4)
     if "hessian" not in statistics:
         # Rounding a whole weight at once (RTN, and AWQ's and the pruners' final pass) takes
         # about four float32 copies of it (blocks, scales, rounded codes, dequantized): on the
@@ -122,10 +131,10 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
         # without this item (2.78 GB measured against 2.12 planned). GPTQ and SparseGPT
         # round block by block; their solver copies are counted below.
         largest = max(p.numel() for layer in layers for p in layer.parameters() if p.dim() == 2)
-        items.append(("rounding the largest linear (float32 temporaries)", largest * 4 * 4))
+        add("rounding the largest linear (float32 temporaries)", largest * 4 * 4, "layer")
     # The output writer spools tensors to disk as they are added; assembling a shard copies
     # through a 16 MiB buffer (models.checkpoint.ShardWriter).
-    items.append(("output writer: copy buffer", 16 << 20))
+    add("output writer: copy buffer", 16 << 20)
     if calib is not None and statistics:
         n, length = calib
         tokens = n * length
@@ -133,18 +142,18 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
             # float64 accumulator + its float32 Hessian while it is formed (the sum is then
             # freed); in the solve the shared Hessian, one owned copy and the factor/inverse
             # pair: about four float32 n x n at once (primitives.hessian, quant.gptq)
-            items.append(("largest Hessian with the solver's copies", max(hidden, inter, attn_width) ** 2 * 4 * 4))
+            add("largest Hessian with the solver's copies", max(hidden, inter, attn_width) ** 2 * 4 * 4, "layer")
             # While the inverse is formed the solver also holds the weight in float32 and its
             # column-permuted copy (quant.gptq): at 8B width the down projection's 4096 x
             # 14,336 is 0.47 GB for the two — the 2-layer 8B run's peak exceeded a plan
             # without this item by that much (bench/results/scale.md).
-            items.append(("the solved weight's float32 copies", 2 * hidden * inter * 4))
+            add("the solved weight's float32 copies", 2 * hidden * inter * 4, "layer")
         else:
-            items.append(("per-column statistics and row samples", (hidden + inter) * 4 * 1024 * 2))
+            add("per-column statistics and row samples", (hidden + inter) * 4 * 1024 * 2, "layer")
         per_token = (hidden + attn_width + inter) * forward_bytes
         act = tokens * per_token if not spill else _BATCH * length * per_token
-        items.append(("calibration activations" + (" (spilled: one batch)" if spill else ""), act))
-        items.append(("one forward batch's intermediates", _BATCH * length * (inter * 3 + hidden * 4) * 4))
+        add("calibration activations" + (" (spilled: one batch)" if spill else ""), act)
+        add("one forward batch's intermediates", _BATCH * length * (inter * 3 + hidden * 4) * 4, "layer")
     if eval_windows is not None:
         n, length = eval_windows
         from compactor.evaluate.backends import TorchBackend, chunk_rows
@@ -154,24 +163,14 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
         # temporaries of a chunk per model (log-softmax, exp, products).
         whole = length * vocab * 4
         rows = length if whole <= TorchBackend.MAX_WINDOW_BYTES else chunk_rows(vocab)
-        items.append(("evaluation: logits of one chunk of positions, both models",
-                      min(whole, rows * vocab * 4) * 2 + min(rows, chunk_rows(vocab)) * vocab * 4 * 6 * 2))
+        add("evaluation: logits of one chunk of positions, both models",
+            min(whole, rows * vocab * 4) * 2 + min(rows, chunk_rows(vocab)) * vocab * 4 * 6 * 2, "outer")
         if streamed:
-            items.append(("evaluation: final hidden states of every window", n * length * hidden * 4 * 2))
+            add("evaluation: final hidden states of every window", n * length * hidden * 4 * 2, "outer")
     if max_memory is not None:
         cap, source = parse_bytes(max_memory), "--max-memory"
     else:
         cap, source = available_bytes() + items[0][1], "memory available now"
-    phases = {}
-    if streamed:
-        # One decoder layer with its statistics, or the embedding / head (capture, writing
-        # the outer parts, the evaluation's head): never both at once.
-        for k, _ in items:
-            if k.startswith(("largest decoder layer", "largest Hessian", "rounding the largest", "the solved weight",
-                             "per-column statistics", "one forward batch")):
-                phases[k] = "layer"
-            elif k.startswith(("embedding / head", "evaluation")):
-                phases[k] = "outer"
     plan = MemoryPlan(items, cap, source, phases=phases)
     if not plan.fits:
         plan.suggestions = _suggest(plan, streamed, spill, calib, eval_windows)
