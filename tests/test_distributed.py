@@ -9,6 +9,7 @@ import pytest
 
 from compactor.distributed import shard_batches
 from compactor.models.tiny import tiny_model, tiny_tokenizer
+from tests.torchrun import failure
 
 
 def test_shards_are_whole_batches_and_cover_everything():
@@ -38,7 +39,7 @@ def test_two_processes_equal_one(tmp_path, method, stream):
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                           "-m", "compactor.cli", *args, "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, failure(two)
     files = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix == ".safetensors")
     assert files and files == sorted(p.name for p in (tmp_path / "two").iterdir() if p.suffix == ".safetensors")
     for f in files:
@@ -55,6 +56,21 @@ def test_awq_under_torchrun_is_refused_by_name(tmp_path, monkeypatch):
     win = make_windows(list(range(256)) * 2, length=64)
     with pytest.raises(CompactorError, match="awq searches scales on sampled input rows"):
         seq.run_sequential(tiny_model("llama"), win, apply_awq, AWQConfig(grid="q4_0"), progress=False)
+
+
+def test_shutdown_destroys_the_group_and_is_safe_without_one(tmp_path):
+    # The CLI calls shutdown() on every exit path; with no group it must be a no-op, and with
+    # one it must leave none behind (a group alive at finalization can SIGABRT under gloo).
+    import torch
+
+    from compactor.distributed import shutdown
+
+    shutdown()
+    assert not torch.distributed.is_initialized()
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    shutdown()
+    assert not torch.distributed.is_initialized()
 
 
 def test_owners_balance_by_size_and_are_deterministic():

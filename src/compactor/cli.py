@@ -508,6 +508,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {renamed}", file=sys.stderr)
         return 2
     args = build_parser().parse_args(argv)
+    from compactor.distributed import shutdown
+
+    try:
+        return _run(args)
+    finally:
+        shutdown()  # under torchrun: before the interpreter exits (see compactor.distributed)
+
+
+def _run(args) -> int:
     from compactor.errors import CompactorError
 
     try:

@@ -26,6 +26,18 @@ def dist_info() -> tuple[int, int]:
     return (torch.distributed.get_rank(), world) if world > 1 else (0, 1)
 
 
+def shutdown() -> None:
+    """Destroy the process group (if any) while the interpreter is still whole.
+
+    Why: a process that exits with its gloo group alive can abort (SIGABRT) in interpreter
+    finalization, when gloo's worker threads free the tensors of finished work objects after
+    Python is gone — the rank that finishes first is the one that dies (pytorch/pytorch#179291,
+    seen in CI on the torchrun distill test). Destroying a gloo group is local: it waits for no
+    peer, so a rank done early leaves without blocking the others."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

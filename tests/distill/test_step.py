@@ -107,6 +107,8 @@ def test_cli_distill_under_torchrun_writes_once(tiny_dir, text_file, tmp_path):
     import subprocess
     import sys
 
+    from tests.torchrun import failure
+
     out = tmp_path / "ddp"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -115,7 +117,7 @@ def test_cli_distill_under_torchrun_writes_once(tiny_dir, text_file, tmp_path):
                         "--eval-data", str(text_file), "--eval-tokens", "256", "--train-tokens", "1024",
                         "--train-window", "64", "--eval-window", "64", "--calib-window", "64", "--batch", "4", "--micro-batch", "2", "--no-speed", "--out", str(out)],
                        env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.returncode == 0, failure(r)
     assert r.stdout.count("wrote ") == 1 and "2 process(es)" in r.stdout
     rep = next(x for x in json.loads((out / "provenance.json").read_text())["reports"] if x["step"] == "distill")
     assert rep["processes"] == 2 and rep["steps"] == 4

@@ -15,6 +15,7 @@ from compactor.data.windows import make_windows
 from compactor.distill.teacher import LiveTeacher, TopKCache
 from compactor.distill.trainer import Distiller, lr_factor
 from compactor.errors import CompactorError
+from tests.torchrun import failure
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
@@ -76,7 +77,9 @@ def test_lr_schedule_warmup_then_cosine():
 def _proc(args, env=None, check=True):
     e = dict(os.environ, PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")]),
              OMP_NUM_THREADS="1", **(env or {}))
-    return subprocess.run(args, env=e, capture_output=True, text=True, check=check, timeout=600)
+    r = subprocess.run(args, env=e, capture_output=True, text=True, timeout=600)
+    assert not check or r.returncode == 0, failure(r)
+    return r
 
 
 def test_sigkilled_run_resumes_to_identical_weights(tmp_path):

@@ -76,6 +76,9 @@ def main() -> int:
         save_file({k: v.detach().clone().contiguous() for k, v in tr.student.model.state_dict().items()}, a.out)
         with open(a.out + ".json", "w") as f:
             json.dump({"losses": losses, "resumed_from": tr.resumed_from}, f)
+    from compactor.distributed import shutdown
+
+    shutdown()  # as the CLI does: no gloo group left for interpreter finalization
     return 0
 
 
