@@ -157,6 +157,28 @@ def test_export_cli_gguf_verified(tmp_path, tiny_dir, text_file, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_export_verification_top1_floor_is_enforced_as_given(tmp_path, tiny_dir, capsys):
+    import re
+
+    pytest.importorskip("llama_cpp")
+    q = tmp_path / "q"
+    assert main(["quantize", str(tiny_dir), "--method", "rtn", "--grid", "q4_0", "--no-eval",
+                 "--out", str(q)]) == 0
+    assert main(["export", str(q), "--out", str(tmp_path / "a.gguf"), "--verify-min-top1", "0.5"]) == 0
+    printed = capsys.readouterr().out
+    assert "(min 0.5)" in printed
+    top1 = float(re.search(r"top-1 ([0-9.]+) \(min", printed).group(1))
+    # A floor just above what this file reaches refuses it, and nothing is written.
+    assert top1 < 1.0  # the tiny random model's near-ties: a few flip under 8-bit activations
+    floor = min(1.0, top1 + 0.002)
+    assert main(["export", str(q), "--out", str(tmp_path / "b.gguf"), "--verify-min-top1", str(floor)]) == 2
+    assert "verification FAILED" in capsys.readouterr().err and not (tmp_path / "b.gguf").exists()
+    assert main(["export", str(q), "--out", str(tmp_path / "c.gguf"), "--verify-min-top1", "1.5"]) == 2
+    assert "fraction in [0, 1]" in capsys.readouterr().err and not (tmp_path / "c.gguf").exists()
+    assert main(["export", str(q), "--format", "onnx", "--out", str(tmp_path / "o"), "--verify-min-top1", "0.5"]) == 2
+    assert "GGUF verification" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 @pytest.mark.parametrize("method,extra", [("wanda", ["--pattern", "2:4"]), ("layers", ["--fraction", "0.5"])])
 def test_prune_cli_and_stats(tmp_path, tiny_dir, text_file, capsys, method, extra):
     out = tmp_path / "p"

@@ -75,3 +75,16 @@ def test_k_quant_fallback_is_explicit():
         ggml_qparams(torch.randn(2, 576), "q4_k")
     with pytest.raises(CompactorError, match="unknown GGUF grid 'q7_0'"):
         resolve_type("q7_0", 512)
+
+
+@pytest.mark.parametrize("name", list(GGML_TYPES))
+def test_packing_a_few_rows_at_a_time_gives_the_same_bytes(name):
+    # Large weights are packed in row chunks to bound the temporaries; with chunks of one and
+    # of two rows (and an uneven last chunk) the bytes equal packing all five rows at once.
+    w = _weights(2)
+    qp = ggml_qparams(w, name)
+    q = qp.quantize(w)
+    whole = pack_ggml(q, qp, name, chunk_weights=1 << 30)
+    for rows in (1, 2):
+        assert np.array_equal(pack_ggml(q, qp, name, chunk_weights=rows * 512), whole)
+    assert qp.rows(1, 3).shape == (2, 512) and torch.equal(qp.rows(1, 3).quantize(w[1:3]), q[1:3])

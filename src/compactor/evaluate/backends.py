@@ -148,7 +148,7 @@ class LlamaCppBackend:
     kind = "llama.cpp"
 
     def __init__(self, path: str | Path, n_ctx: int = 1024, n_threads: int = 2, name: str | None = None,
-                 lora_path: str | Path | None = None):
+                 lora_path: str | Path | None = None, use_mmap: bool = True):
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -166,7 +166,7 @@ class LlamaCppBackend:
         try:
             self.llm = Llama(
                 str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=True,
-                n_threads=n_threads, n_threads_batch=n_threads, verbose=False,
+                n_threads=n_threads, n_threads_batch=n_threads, verbose=False, use_mmap=use_mmap,
                 **({"lora_path": str(lora_path)} if lora_path else {}),
             )
         except (ValueError, RuntimeError) as exc:

@@ -171,14 +171,41 @@ def _export_onnx(loaded, out, verify, windows, prov, overwrite, int8: bool = Fal
     return ExportResult("onnx", out, summary, ver)
 
 
-def _export_gguf(loaded, out, verify, windows, prov, progress, types=None) -> ExportResult:
+def _export_gguf(loaded, out, verify, windows, prov, progress, types=None,
+                 min_top1: float | None = None, max_memory: str | int | None = None) -> ExportResult:
     """The base file; with LoRA adapters in the model also ``<out stem>.lora.gguf`` beside it,
-    verified together in llama.cpp against the in-memory model with its adapters."""
+    verified together in llama.cpp against the in-memory model with its adapters.
+
+    ``min_top1``: the verification's top-1 floor (default :data:`~compactor.export.verify.MIN_TOP1`).
+    Only random-weight models need another: their near-flat logits turn top-1 into a coin toss
+    between near-tied tokens under llama.cpp's 8-bit activation rounding, while the exact code
+    check and the KLD bound still hold them to the file.
+
+    The memory plan (:mod:`compactor.export.plan`) is printed first and held to
+    ``max_memory`` (default: the memory available now): over it, nothing is written (exit 2)."""
     from compactor.distill.lora import detached_adapters
     from compactor.export.gguf import export_gguf
     from compactor.export.lora_gguf import export_lora_gguf
-    from compactor.export.verify import verify_gguf
+    from compactor.export.verify import MIN_TOP1, verify_context, verify_gguf
 
+    if min_top1 is None:
+        min_top1 = MIN_TOP1
+    if not 0.0 <= min_top1 <= 1.0:
+        raise CompactorError(f"the verification's top-1 floor is a fraction in [0, 1], got {min_top1}")
+
+    import sys
+
+    from compactor.export.gguf import GGUFTypes
+    from compactor.export.plan import plan_gguf_export
+    from compactor.plan import check_plan
+
+    types = types or GGUFTypes()
+    n_ctx = verify_context(windows) if verify else 0
+    plan = plan_gguf_export(loaded, types, verify_windows=(len(windows.input_ids), windows.length) if verify else None,
+                            n_ctx=n_ctx, max_memory=max_memory)
+    if progress:
+        print(plan.describe(), file=sys.stderr)
+    check_plan(plan)
     lora_out = out.with_name(out.stem + ".lora.gguf")
     with atomic_file(out) as tmp:
         with detached_adapters(loaded.model) as lora:
@@ -191,8 +218,8 @@ def _export_gguf(loaded, out, verify, windows, prov, progress, types=None) -> Ex
                 summary["lora_adapter"] = export_lora_gguf(loaded.model, lora, lora_tmp, loaded.adapter)
                 summary["lora_adapter"]["path"] = str(lora_out)
             if verify:
-                v = verify_gguf(loaded.model, exp, windows, progress=progress, loaded=loaded,
-                                lora_path=lora_tmp)
+                v = verify_gguf(loaded.model, exp, windows, min_top1=min_top1, progress=progress,
+                                loaded=loaded, lora_path=lora_tmp)
                 if not v.passed:
                     raise VerificationFailed(f"{out}{' + ' + lora_out.name if lora else ''}: {v.describe()}; "
                                              "the file was not written")

@@ -32,6 +32,9 @@ class ExportConfig(StepConfig):
     head_type: str | None = None
     verify: bool = True
     verify_tokens: int = 2048
+    #: GGUF: the verification's top-1 floor (None: export.verify.MIN_TOP1); see the CLI's
+    #: --verify-min-top1 — for random-weight test models only
+    verify_min_top1: float | None = None
     score: bool = True
     label: str | None = None
 
@@ -45,6 +48,10 @@ class ExportConfig(StepConfig):
               f"export.embed_type: an ONNX graph holds the embedding in q8_0 or f32, got {self.embed_type!r}")
         check(bool(self.file.strip()) and "/" not in self.file, f"export.file must be a plain file name, got {self.file!r}")
         check(self.verify_tokens >= 2, f"export.verify_tokens must be >= 2, got {self.verify_tokens}")
+        check(self.verify_min_top1 is None or 0.0 <= self.verify_min_top1 <= 1.0,
+              f"export.verify_min_top1 is a fraction in [0, 1], got {self.verify_min_top1}")
+        check(self.verify_min_top1 is None or self.format == "gguf",
+              "export.verify_min_top1 is the GGUF verification's floor; other formats have fixed checks")
 
 
 @register(ExportConfig, kind="eval")
@@ -59,7 +66,9 @@ def _export_step(ctx, cfg: ExportConfig) -> None:
 
     windows = ctx.eval_windows()
     out = Path(ctx.out_dir) / cfg.file
-    opts = ({"types": GGUFTypes(cfg.type, cfg.embed_type, cfg.head_type)} if cfg.format == "gguf"
+    opts = ({"types": GGUFTypes(cfg.type, cfg.embed_type, cfg.head_type), "min_top1": cfg.verify_min_top1,
+             "max_memory": ctx.recipe.max_memory}
+            if cfg.format == "gguf"
             else {"embed_type": cfg.embed_type} if cfg.format == "onnx" else {})
     prov = {"calibration": ctx._calib_windows.provenance if ctx._calib_windows else None,
             "recipe": ctx.recipe.to_yaml()}

@@ -133,6 +133,11 @@ def check_tensors(model, exp: GGUFExport, store=None) -> tuple[int, float, str |
     return n, worst, worst_name, rounded
 
 
+def verify_context(windows) -> int:
+    """llama.cpp's context for verifying on ``windows``."""
+    return max(1024, windows.length + 160)
+
+
 def verify_gguf(model, exp: GGUFExport, windows, max_kld: float = MAX_KLD,
                 min_top1: float = MIN_TOP1, progress: bool = False, loaded=None,
                 lora_path: Path | None = None) -> Verification:
@@ -173,8 +178,10 @@ def verify_gguf(model, exp: GGUFExport, windows, max_kld: float = MAX_KLD,
         expected = CachedBackend(as_backend(expected), directory=cache_dir)
         expected.fill(windows.input_ids, chunk_rows(expected.vocab_size))
         loaded.store.overrides = {}
-    runtime = LlamaCppBackend(exp.path, n_ctx=max(1024, windows.length + 160), name=exp.path.name,
-                              lora_path=lora_path)
+    # Read into llama.cpp's buffers, not mapped: a mapped file stays counted in RSS beside the
+    # copy llama.cpp repacks its Q4_0 tensors into (export.plan).
+    runtime = LlamaCppBackend(exp.path, n_ctx=verify_context(windows), name=exp.path.name,
+                              lora_path=lora_path, use_mmap=False)
     try:
         res = evaluate(runtime, windows, reference=expected, speed=False, progress=progress)
     finally:

@@ -20,17 +20,26 @@ from compactor.models.adapters import Adapter
 
 
 def _read_tensor(f, t) -> torch.Tensor:
-    """One GGUF tensor as float32 ``[rows, cols]`` (or ``[n]``), read at its offset."""
+    """One GGUF tensor as float32 ``[rows, cols]`` (or ``[n]``), read at its offset a few rows
+    at a time into the result (``gguf.quants`` dequantizes through float temporaries several
+    times a whole embedding's size)."""
     from gguf.quants import dequantize
 
-    f.seek(int(t.data_offset))
-    raw = f.read(int(t.n_bytes))
-    if len(raw) != int(t.n_bytes):
-        raise CompactorError(f"tensor {t.name} is truncated ({len(raw)} of {int(t.n_bytes)} bytes)")
-    data = np.frombuffer(raw, dtype=t.data.dtype).reshape(t.data.shape)
-    arr = np.asarray(dequantize(data, t.tensor_type), dtype=np.float32)
+    from compactor.primitives.packing import row_chunks
+
+    stored = [int(d) for d in t.data.shape]  # [..., rows, row bytes or values], or [n]
     shape = [int(d) for d in reversed(t.shape)] if len(t.shape) > 1 else [-1]
-    return torch.from_numpy(arr.copy()).reshape(shape)
+    rows = int(np.prod(stored[:-1])) if len(stored) > 1 else 1
+    row_bytes = int(t.n_bytes) // rows
+    out = torch.empty(rows, int(np.prod([int(d) for d in t.shape])) // rows, dtype=torch.float32)
+    f.seek(int(t.data_offset))
+    for a, b in row_chunks(rows, out.shape[1]):
+        raw = f.read(row_bytes * (b - a))
+        if len(raw) != row_bytes * (b - a):
+            raise CompactorError(f"tensor {t.name} is truncated (rows {a}..{b} of {rows} incomplete)")
+        data = np.frombuffer(raw, dtype=t.data.dtype).reshape(b - a, -1)
+        out[a:b] = torch.from_numpy(np.asarray(dequantize(data, t.tensor_type), dtype=np.float32).reshape(b - a, -1))
+    return out.reshape(shape)
 
 
 def convert_gguf(path: Path, dest: Path, adapter: Adapter) -> None:

@@ -117,6 +117,16 @@ class QParams:
             v = v - off
         return q.to(torch.int32), v
 
+    def rows(self, start: int, stop: int) -> "QParams":
+        """The parameters of rows ``start:stop`` (every per-row tensor sliced, the rest shared):
+        rows are quantized independently on every grid, so a large weight can be packed a
+        few rows at a time."""
+        def cut(t):
+            return t[start:stop] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == self.shape[0] else t
+
+        return QParams(cut(self.scale), None if self.offset is None else cut(self.offset), self.block,
+                       self.qmin, self.qmax, self.codebook, {k: cut(v) for k, v in self.extra.items()})
+
     def fake_quantize(self, w: torch.Tensor, cols: slice | None = None) -> torch.Tensor:
         """quantize -> dequantize (no gradient)."""
         return self.dequantize(self.quantize(w, cols), cols)
