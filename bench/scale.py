@@ -178,12 +178,18 @@ def part_synthetic(records, args) -> None:
         key = f"synthetic gguf {layers}"
         if want_gguf:
             gg = WORK / f"synthetic-{layers}l-q4_0.gguf"
+            # Random weights give near-flat logits: llama.cpp's 8-bit activation rounding flips
+            # the top-1 of near-tied tokens (0.805 on this model), so the top-1 floor is off here
+            # while the exact code check and the KLD bound stay; real models keep MIN_TOP1.
             r = timed(compactor("export", str(WORK / f"synthetic-{layers}l-rtn"), "--format", "gguf",
-                                "--stream", "--force", "--out", str(gg)))
+                                "--stream", "--max-memory", args.max_memory, "--verify-min-top1", "0",
+                                "--force", "--out", str(gg)))
             # A failed export (its verification refused the file) leaves no file: recorded with
             # its exit code and error line, not a crash of the bench.
             record(records, key, part="synthetic", step="gguf", layers=layers,
-                   disk_bytes=gg.stat().st_size if gg.exists() else None, **r)
+                   disk_bytes=gg.stat().st_size if gg.exists() else None, verify_min_top1=0.0,
+                   verify_note="top-1 floor off for random weights (near-flat logits); codes exact, KLD <= 0.02",
+                   **r)
         key = f"synthetic gptq {layers}"
         if "gptq" in args.steps and layers in args.gptq_depths and not (args.resume and any(r["key"] == key for r in records)):
             out = WORK / f"synthetic-{layers}l-gptq"
@@ -366,7 +372,8 @@ def _write(records: list[dict]) -> None:
                    "14.8 GB in bf16); the 8-layer cut checks that peak RSS is flat in depth.\n\n"
                    "| step | layers | calib windows | wall s | s / layer | peak RSS GB | planned peak | disk GB | load before | run |\n"
                    "|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
-                   + "".join(f"\n{r['step']} {r['layers']} layers, llama.cpp check: {r['verification']}\n"
+                   + "".join(f"\n{r['step']} {r['layers']} layers, llama.cpp check: {r['verification']}"
+                             + (f" ({r['verify_note']})" if r.get("verify_note") else "") + "\n"
                              for r in syn if r.get("verification")))
     tr = [r for r in records if r.get("part") == "torchrun" and r.get("processes")]
     if tr:
