@@ -95,7 +95,9 @@ def main() -> None:
     args = ap.parse_args()
     work = home() / "bench" / "vs_llamacpp"
     work.mkdir(parents=True, exist_ok=True)
-    rows = json.loads(JSON.read_text()) if args.resume and JSON.exists() else []
+    # --render-only reads the stored rows too: rendering must never start from an empty list
+    # (it rewrites the JSON, and the rows it did not read would be gone).
+    rows = json.loads(JSON.read_text()) if (args.resume or args.render_only) and JSON.exists() else []
     rows = [r for r in rows if "domains" in r]  # rows of the Austen-only protocol are not comparable
     done = {(r["name"], r.get("calibration")) for r in rows}
     prov = provenance()
