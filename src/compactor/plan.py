@@ -167,14 +167,19 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
             min(whole, rows * vocab * 4) * 2 + min(rows, chunk_rows(vocab)) * vocab * 4 * 6 * 2, "outer")
         if streamed:
             add("evaluation: final hidden states of every window", n * length * hidden * 4 * 2, "outer")
-    if max_memory is not None:
-        cap, source = parse_bytes(max_memory), "--max-memory"
-    else:
-        cap, source = available_bytes() + items[0][1], "memory available now"
+    cap, source = memory_cap(max_memory, items[0][1])
     plan = MemoryPlan(items, cap, source, phases=phases)
     if not plan.fits:
         plan.suggestions = _suggest(plan, streamed, spill, calib, eval_windows)
     return plan
+
+
+def memory_cap(max_memory: str | int | None, process_bytes: int) -> tuple[int, str]:
+    """(cap in bytes, where it came from): ``--max-memory``, or what is available now plus
+    what this process already holds (``process_bytes``, the plan's first item)."""
+    if max_memory is not None:
+        return parse_bytes(max_memory), "--max-memory"
+    return available_bytes() + process_bytes, "memory available now"
 
 
 def _suggest(plan: MemoryPlan, streamed: bool, spill: bool, calib, eval_windows) -> list[str]:

@@ -12,9 +12,9 @@ Q4_0 tensors).
 
 from __future__ import annotations
 
-from compactor.memory import available_bytes, fmt_bytes, parse_bytes
+from compactor.memory import fmt_bytes
 from compactor.models.adapters import decoder_layers
-from compactor.plan import MemoryPlan
+from compactor.plan import MemoryPlan, memory_cap
 
 #: gguf-py's writer spools tensors in memory up to this size, then in a file on disk.
 WRITER_SPOOL = 256 << 20
@@ -114,10 +114,7 @@ def plan_gguf_export(loaded, types, *, verify_windows: tuple[int, int] | None, n
         add("verification: llama.cpp's copy of the file", file_bytes, "runtime")
         add("verification: llama.cpp's logits and compute buffers", n_ctx * vocab * 4 * 2 + (256 << 20), "runtime")
         add("verification: scoring one chunk of positions", rows * vocab * 4 * 8, "runtime")
-    if max_memory is not None:
-        cap, source = parse_bytes(max_memory), "--max-memory"
-    else:
-        cap, source = available_bytes() + items[0][1], "memory available now"
+    cap, source = memory_cap(max_memory, items[0][1])
     plan = MemoryPlan(items, cap, source, phases=phases)
     if not plan.fits:
         plan.suggestions = (["--stream (weights read layer by layer from disk)"] if not loaded.streamed else [])
