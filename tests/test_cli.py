@@ -253,3 +253,14 @@ def test_help_lists_every_subcommand_with_one_line(capsys):
     out = capsys.readouterr().out
     for sub in ("fetch", "eval", "quantize", "export", "prune", "stats", "distill", "qat", "report", "run"):
         assert sub in out, sub
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--format", "gguf", "--matmul-accuracy", "int8"], "MatMulNBits"),
+    (["--format", "onnx", "--max-memory", "8GB"], "caps a GGUF export"),
+    (["--format", "compressed-tensors", "--verify-min-top1", "0.5"], "GGUF verification"),
+])
+def test_export_flags_of_another_format_are_refused_before_loading(tmp_path, capsys, args, match):
+    out = tmp_path / "o"
+    assert main(["export", str(tmp_path / "no-such-model"), *args, "--out", str(out)]) == 2
+    assert match in capsys.readouterr().err and not out.exists()

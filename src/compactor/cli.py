@@ -262,10 +262,16 @@ def cmd_export(args) -> int:
     if args.verify_min_top1 is not None and args.format != "gguf":
         raise CompactorError("--verify-min-top1 is the GGUF verification's top-1 floor; "
                              f"a {args.format} export has its own fixed check")
+    if args.matmul_accuracy is not None and args.format != "onnx":
+        raise CompactorError(f"--matmul-accuracy is how an ONNX graph's MatMulNBits compute; a {args.format} "
+                             "export has no such node")
     if args.max_memory is not None and args.format != "gguf":
         raise CompactorError(f"--max-memory caps a GGUF export's plan; a {args.format} export holds the "
                              "model in memory (it has no plan of its own yet)")
     if is_task_target(args.model, None):
+        if args.matmul_accuracy is not None:
+            raise CompactorError("--matmul-accuracy is for a causal LM's MatMulNBits graph; an encoder's "
+                                 "ONNX int8 is --int8 dynamic|static")
         return cmd_task_export(args)
     if args.int8 == "static":
         raise CompactorError("--int8 static is for task models (encoders); a causal LM's ONNX int8 is "
@@ -285,6 +291,7 @@ def cmd_export(args) -> int:
     elif args.format == "onnx":
         opts["int8"] = args.int8 is not None
         opts["embed_type"] = args.embed_type
+        opts["matmul_accuracy"] = args.matmul_accuracy or "fp32"
     else:
         opts["float_type"] = args.float_type
     res = export_model(loaded, args.format, args.out, overwrite=args.force,
@@ -445,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--int8", nargs="?", const="dynamic", choices=["dynamic", "static"], default=None,
                    help="onnx: also write onnxruntime int8 (verified file: model.int8.onnx): dynamic "
                         "(default when given alone) or, for task models, static (calibrated on --calib-data)")
+    x.add_argument("--matmul-accuracy", choices=["fp32", "int8"], default=None,
+                   help="onnx: how the MatMulNBits nodes on our codes compute — fp32 (default: equal to the "
+                        "model in memory to rounding) or int8 (activations quantized per block inside "
+                        "onnxruntime's kernel, as llama.cpp does; much faster, checked to the GGUF bound)")
     x.add_argument("--calib-data", default=None,
                    help="task models, --int8 static: labeled data whose texts calibrate activation ranges "
                         "(default tweets:train)")

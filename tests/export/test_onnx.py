@@ -156,3 +156,27 @@ def test_one_graph_scores_prefills_and_decodes_on_its_cache(tmp_path, tok, famil
     assert not np.allclose(last[0, -1], want[-1].numpy(), atol=1e-2)
     speed = be.speed(prompt_len=16, gen_tokens=4, repeats=1)
     assert speed["decode_tok_s"] > 0 and speed["gen_tokens"] == 4
+
+
+def test_int8_matmul_accuracy_marks_every_nbits_node_and_is_checked_to_the_gguf_bound(tmp_path, tok):
+    import onnx
+
+    from compactor.export.verify import MAX_KLD
+
+    torch.manual_seed(6)
+    win = make_windows(torch.randint(0, 258, (2 * 48,)), 48)
+    m = tiny_model("llama")
+    quantize_(m, RTNConfig(grid="q4_0"))
+    loaded = LoadedModel(m, tok, adapter_for(m), "tiny")
+    exact = export_model(loaded, "onnx", tmp_path / "fp32", windows=win, progress=False)
+    fast = export_model(loaded, "onnx", tmp_path / "int8", windows=win, progress=False, matmul_accuracy="int8")
+    nodes = [n for n in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 15  # 14 decoder linears + the Q8_0 head
+    assert all(next(a.i for a in n.attribute if a.name == "accuracy_level") == 4 for n in nodes)
+    assert fast.summary["matmul_accuracy"] == "int8" and fast.verification["max_kld"] == MAX_KLD
+    assert fast.verification["passed"]
+    # int8 activations are another arithmetic: the graph no longer equals memory to rounding.
+    assert fast.verification["kld_mean"] > 10 * exact.verification["kld_mean"]
+    with pytest.raises(Exception, match="fp32, int8"):
+        export_model(loaded, "onnx", tmp_path / "bad", windows=win, progress=False, matmul_accuracy="int4")
+    assert not (tmp_path / "bad").exists()

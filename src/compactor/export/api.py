@@ -149,12 +149,12 @@ def _export_ct(loaded, out, verify, windows, prov, overwrite, float_type: str = 
 
 
 def _export_onnx(loaded, out, verify, windows, prov, overwrite, int8: bool = False,
-                 embed_type: str = "q8_0") -> ExportResult:
+                 embed_type: str = "q8_0", matmul_accuracy: str = "fp32") -> ExportResult:
     from compactor.export.onnx import export_onnx, verify_onnx
     from compactor.export.onnx_embed import RoundedEmbedding
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        summary = export_onnx(loaded.model, tmp, int8=int8, embed_type=embed_type)
+        summary = export_onnx(loaded.model, tmp, int8=int8, embed_type=embed_type, matmul_accuracy=matmul_accuracy)
         (tmp / "compactor_provenance.json").write_text(json.dumps(prov, indent=2, default=str))
         if loaded.tokenizer is not None:
             loaded.tokenizer.save_pretrained(tmp)
@@ -163,7 +163,8 @@ def _export_onnx(loaded, out, verify, windows, prov, overwrite, int8: bool = Fal
             # The graph's Q8_0 embedding against the same rounded values in memory.
             with (RoundedEmbedding(loaded.model, head=summary.get("head_matmuls", 0) > 0)
                   if summary["embed_type"] == "q8_0" else contextlib.nullcontext()):
-                ver = verify_onnx(loaded.model, tmp / summary["file"], windows, int8=int8)
+                ver = verify_onnx(loaded.model, tmp / summary["file"], windows, int8=int8,
+                                  matmul_accuracy=matmul_accuracy)
             if not ver["passed"]:
                 raise VerificationFailed(f"{out}: onnxruntime differs from memory (KLD "
                                          f"{ver['kld_mean']:.2e} > {ver['max_kld']}, top-1 "

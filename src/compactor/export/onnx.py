@@ -28,7 +28,9 @@ from compactor.errors import CompactorError
 from compactor.quant.storage import dequantized_view
 
 #: onnxruntime vs in-memory thresholds: the float graph must match to rounding; the dynamic
-#: int8 graph is a different (quantized) model, so only gross breakage is rejected.
+#: int8 graph is a different (quantized) model, so only gross breakage is rejected. A graph
+#: whose MatMulNBits quantize activations to int8 (``matmul_accuracy="int8"``) is held to the
+#: GGUF check's bound, the noise floor of the same arithmetic in llama.cpp.
 MAX_KLD_FLOAT, MAX_KLD_INT8 = 1e-4, 0.5
 
 
@@ -71,12 +73,20 @@ def past_names(n_layers: int) -> tuple[list[str], list[str]]:
     return ins, [n.replace("past_key_values", "present") for n in ins]
 
 
-def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_0") -> dict:
+def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_0",
+                matmul_accuracy: str = "fp32") -> dict:
     """Write ``model.onnx`` (and ``model.int8.onnx`` with ``int8``) into ``out_dir``.
     ``embed_type``: ``q8_0`` — the token embedding and the head in Q8_0 blocks
-    (:mod:`compactor.export.onnx_embed`; verify against :class:`RoundedEmbedding`) — or ``f32``."""
+    (:mod:`compactor.export.onnx_embed`; verify against :class:`RoundedEmbedding`) — or ``f32``.
+    ``matmul_accuracy``: how the MatMulNBits nodes compute (``fp32`` or ``int8``; see
+    :data:`compactor.export.onnx_nbits.ACCURACY_LEVELS`)."""
+    from compactor.export.onnx_nbits import ACCURACY_LEVELS
+
     if embed_type not in ("q8_0", "f32"):
         raise CompactorError(f"ONNX export: the embedding type is q8_0 or f32 here, got {embed_type!r}")
+    if matmul_accuracy not in ACCURACY_LEVELS:
+        raise CompactorError(f"ONNX export: the MatMulNBits accuracy is one of {', '.join(ACCURACY_LEVELS)}, "
+                             f"got {matmul_accuracy!r}")
     try:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
@@ -115,7 +125,7 @@ def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_
     from compactor.quant.qlinear import QuantizedLinear
 
     if any(isinstance(m, QuantizedLinear) for m in model.modules()):  # our 4-bit codes, unchanged
-        summary.update(rewrite_matmul_nbits(path, model))
+        summary.update(rewrite_matmul_nbits(path, model, matmul_accuracy))
     emb = model.get_input_embeddings().weight
     head = model.get_output_embeddings()
     if embed_type == "q8_0":
@@ -124,7 +134,8 @@ def export_onnx(model, out_dir: Path, int8: bool = False, embed_type: str = "q8_
         if not fits(emb):
             raise CompactorError(f"ONNX export: the embedding's width {emb.shape[1]} is not a multiple of "
                                  "Q8_0's block of 32; use --embed-type f32")
-        summary.update(rewrite_embedding_q8(path, emb, None if head is None else head.weight))
+        summary.update(rewrite_embedding_q8(path, emb, None if head is None else head.weight, matmul_accuracy))
+    summary["matmul_accuracy"] = matmul_accuracy
     summary["embed_type"] = "q8_0" if summary.get("embedding") == "q8_0" else "f32"
     summary["size_bytes"] = path.stat().st_size
     if int8:
@@ -208,15 +219,17 @@ class OnnxBackend:
                 "prompt_len": prompt_len, "gen_tokens": gen_tokens}
 
 
-def verify_onnx(model, path: Path, windows, int8: bool = False) -> dict:
+def verify_onnx(model, path: Path, windows, int8: bool = False, matmul_accuracy: str = "fp32") -> dict:
     """Score the graph in onnxruntime against the in-memory model."""
+    from compactor.export.verify import MAX_KLD
+
     from compactor.evaluate.harness import evaluate
 
     be = OnnxBackend(path)
     be.params = sum(p.numel() for p in model.parameters())
     be.vocab_size = be.vocab_size or model.config.vocab_size
     res = evaluate(be, windows, reference=model, speed=False, progress=False)
-    max_kld = MAX_KLD_INT8 if int8 else MAX_KLD_FLOAT
+    max_kld = MAX_KLD_INT8 if int8 else MAX_KLD if matmul_accuracy == "int8" else MAX_KLD_FLOAT
     out = {"runtime": "onnxruntime", "kld_mean": res.kld_mean, "kld_p99": res.kld_p99, "top1": res.top1,
            "tokens": res.tokens, "max_kld": max_kld, "passed": res.kld_mean <= max_kld}
     if be.past:  # the cache path a generator takes must compute the same logits

@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from compactor.export.onnx_nbits import digest, save_rewritten
+from compactor.export.onnx_nbits import ACCURACY_LEVELS, digest, save_rewritten
 
 BLOCK = 32  # Q8_0's block
 
@@ -44,7 +44,8 @@ def _u8(codes: torch.Tensor) -> np.ndarray:
     return (codes.to(torch.int64) + 128).numpy().astype(np.uint8)
 
 
-def rewrite_embedding_q8(path, embed_weight: torch.Tensor, head_weight: torch.Tensor | None) -> dict:
+def rewrite_embedding_q8(path, embed_weight: torch.Tensor, head_weight: torch.Tensor | None,
+                         accuracy: str = "fp32") -> dict:
     """Rewrite the ONNX file ``path``: the ``Gather`` on the embedding initializer becomes a
     ``GatherBlockQuantized`` and the head's ``MatMul`` (on ``head_weight``ᵀ; the embedding
     itself when tied, ``head_weight is embed_weight``) a ``MatMulNBits``, both 8-bit Q8_0.
@@ -97,7 +98,8 @@ def rewrite_embedding_q8(path, embed_weight: torch.Tensor, head_weight: torch.Te
                                   numpy_helper.from_array(hs.numpy().astype(np.float32), "head_q8_scales")]
             nodes.append(helper.make_node("MatMulNBits", [node.input[0], "head_q8_B", scale_name],
                                           list(node.output), name=f"head_q8_{done['head']}", domain="com.microsoft",
-                                          K=h, N=v, bits=8, block_size=BLOCK, accuracy_level=1))
+                                          K=h, N=v, bits=8, block_size=BLOCK,
+                                          accuracy_level=ACCURACY_LEVELS[accuracy]))
             done["head"] += 1
             continue
         nodes.append(node)

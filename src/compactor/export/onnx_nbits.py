@@ -70,9 +70,19 @@ def save_rewritten(g, path, nodes: list, new_inits: list = ()) -> None:
     onnx.save(g, str(path))
 
 
-def rewrite_matmul_nbits(path, model) -> dict:
+#: ``--matmul-accuracy`` -> MatMulNBits' ``accuracy_level``: 0 computes in float32 from the
+#: dequantized blocks (the graph equals the in-memory model to rounding); 4 quantizes the
+#: activations to int8 per block of the weight's block size inside the kernel (MLAS's int8
+#: dot products, the arithmetic llama.cpp's CPU kernels use). On this machine (onnxruntime
+#: 1.32, 2 threads, one token) the 8-bit 576 x 49,152 head took 394 ms at level 1 and 6.2 ms at
+#: level 4, a 4-bit 576 x 1,536 linear 0.35 ms at level 0 and 0.02 ms at level 4.
+ACCURACY_LEVELS = {"fp32": 0, "int8": 4}
+
+
+def rewrite_matmul_nbits(path, model, accuracy: str = "fp32") -> dict:
     """Replace, in the ONNX file ``path``, every ``MatMul`` by a quantized linear's weight
-    that fits with a ``MatMulNBits`` on its codes; returns counts and the reasons for the rest."""
+    that fits with a ``MatMulNBits`` on its codes (``accuracy``: a key of
+    :data:`ACCURACY_LEVELS`); returns counts and the reasons for the rest."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -106,7 +116,8 @@ def rewrite_matmul_nbits(path, model) -> dict:
                                     numpy_helper.from_array(sc, f"{tag}_nbits_scales")])
         nodes.append(helper.make_node("MatMulNBits", [node.input[0], f"{tag}_nbits_B", f"{tag}_nbits_scales"],
                                       list(node.output), name=f"{tag}_nbits", domain="com.microsoft",
-                                      K=m.in_features, N=m.out_features, bits=4, block_size=m.qparams.block))
+                                      K=m.in_features, N=m.out_features, bits=4, block_size=m.qparams.block,
+                                      accuracy_level=ACCURACY_LEVELS[accuracy]))
         replaced += 1
     save_rewritten(g, path, nodes)
     return {"matmul_nbits": replaced, "kept_float": skipped}

@@ -35,6 +35,8 @@ class ExportConfig(StepConfig):
     #: GGUF: the verification's top-1 floor (None: export.verify.MIN_TOP1); see the CLI's
     #: --verify-min-top1 — for random-weight test models only
     verify_min_top1: float | None = None
+    #: ONNX: how MatMulNBits compute, fp32 or int8 (the CLI's --matmul-accuracy)
+    matmul_accuracy: Literal["fp32", "int8"] = "fp32"
     score: bool = True
     label: str | None = None
 
@@ -50,6 +52,10 @@ class ExportConfig(StepConfig):
         check(self.verify_tokens >= 2, f"export.verify_tokens must be >= 2, got {self.verify_tokens}")
         check(self.verify_min_top1 is None or 0.0 <= self.verify_min_top1 <= 1.0,
               f"export.verify_min_top1 is a fraction in [0, 1], got {self.verify_min_top1}")
+        check(self.matmul_accuracy in ("fp32", "int8"),
+              f"export.matmul_accuracy: fp32 or int8, got {self.matmul_accuracy!r}")
+        check(self.matmul_accuracy == "fp32" or self.format == "onnx",
+              "export.matmul_accuracy is how an ONNX graph's MatMulNBits compute; other formats have none")
         check(self.verify_min_top1 is None or self.format == "gguf",
               "export.verify_min_top1 is the GGUF verification's floor; other formats have fixed checks")
 
@@ -69,7 +75,8 @@ def _export_step(ctx, cfg: ExportConfig) -> None:
     opts = ({"types": GGUFTypes(cfg.type, cfg.embed_type, cfg.head_type), "min_top1": cfg.verify_min_top1,
              "max_memory": ctx.recipe.max_memory}
             if cfg.format == "gguf"
-            else {"embed_type": cfg.embed_type} if cfg.format == "onnx" else {})
+            else {"embed_type": cfg.embed_type, "matmul_accuracy": cfg.matmul_accuracy} if cfg.format == "onnx"
+            else {})
     prov = {"calibration": ctx._calib_windows.provenance if ctx._calib_windows else None,
             "recipe": ctx.recipe.to_yaml()}
     res = export_model(ctx.loaded, cfg.format, out, verify=cfg.verify, windows=sample_windows(windows, cfg.verify_tokens),
