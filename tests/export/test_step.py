@@ -44,3 +44,16 @@ def test_export_step_validation():
         Recipe.from_dict({"model": "x", "stages": [{"steps": [{"export": {"type": "q4_9"}}]}]})
     with pytest.raises(ConfigError, match="llamacpp_quantize.type"):
         Recipe.from_dict({"model": "x", "stages": [{"steps": [{"llamacpp_quantize": {"type": "q1"}}]}]})
+
+
+def test_export_step_passes_its_types_to_the_exporter(tmp_path, tiny_dir, text_file):
+    # A non-default embedding type must reach the file (it once stayed at the default, unseen
+    # because every recipe used the default).
+    rec = _recipe(tmp_path, tiny_dir, text_file, [
+        {"name": "q", "steps": [{"rtn": {"grid": "q4_0"}}]},
+        {"name": "export", "steps": [{"export": {"file": "t.gguf", "embed_type": "f16", "type": "q8_0",
+                                                 "score": False}}]},
+    ])
+    run_recipe(rec, out=tmp_path / "out", progress=False)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(tmp_path / "out" / "t.gguf")).tensors}
+    assert types["token_embd.weight"] == "F16" and types["blk.0.attn_q.weight"] == "Q4_0"

@@ -80,7 +80,7 @@ def _export_step(ctx, cfg: ExportConfig) -> None:
     prov = {"calibration": ctx._calib_windows.provenance if ctx._calib_windows else None,
             "recipe": ctx.recipe.to_yaml()}
     res = export_model(ctx.loaded, cfg.format, out, verify=cfg.verify, windows=sample_windows(windows, cfg.verify_tokens),
-                       provenance=prov, overwrite=True)
+                       provenance=prov, overwrite=True, **opts)
     ctx.reports.append({"step": "export", **res.to_dict(), "path": cfg.file})
     if cfg.score and cfg.format == "gguf":
         ref = ctx.reference_scorer()
