@@ -6,7 +6,8 @@
 * The model: GPTQ on the GGUF Q4_0 grid (calib:mix, 128 x 512 tokens, the demo's settings),
   decoder linears only; the embedding / tied head stays float in memory.
 * Files of those codes: ONNX with the 4-bit codes and fp16-exact scales in ``MatMulNBits`` (no
-  re-rounding; the embedding float32, or Q8_0 as the GGUF holds it), the float-embedding graph
+  re-rounding; the embedding float32, or Q8_0 as the GGUF holds it — that graph also with
+  ``matmul_accuracy="int8"``, onnxruntime's int8-activation kernels), the float-embedding graph
   through onnxruntime's per-channel dynamic int8 (``--int8``), and GGUF (the embedding Q8_0) in
   llama.cpp.
 * Every file is scored in its runtime on the four evaluation domains against the float
@@ -42,7 +43,8 @@ from compactor.models.load import load_model
 JSON = RESULTS / "onnx_lm.json"
 ROWS = ("float (torch)", "GPTQ Q4_0 in memory (torch)", "GPTQ Q4_0 ONNX MatMulNBits (onnxruntime)",
         "GPTQ Q4_0 ONNX + onnxruntime dynamic int8", "GPTQ Q4_0 GGUF, embedding Q8_0 (llama.cpp)",
-        "GPTQ Q4_0 ONNX MatMulNBits, embedding Q8_0 (onnxruntime)")
+        "GPTQ Q4_0 ONNX MatMulNBits, embedding Q8_0 (onnxruntime)",
+        "GPTQ Q4_0 ONNX MatMulNBits int8 activations, embedding Q8_0 (onnxruntime)")
 
 
 def main() -> None:
@@ -98,12 +100,13 @@ def main() -> None:
     if ROWS[1] not in done:
         record(ROWS[1], model, {"file": None})
     # The first two keep the embedding float32 (as the export did before its Q8_0 embedding).
-    for name, int8, emb in ((ROWS[2], False, "f32"), (ROWS[3], True, "f32"), (ROWS[5], False, "q8_0")):
+    for name, int8, emb, acc in ((ROWS[2], False, "f32", "fp32"), (ROWS[3], True, "f32", "fp32"),
+                                 (ROWS[5], False, "q8_0", "fp32"), (ROWS[6], False, "q8_0", "int8")):
         if name in done:
             continue
-        out = work / ("onnx-int8" if int8 else "onnx" if emb == "f32" else "onnx-embq8")
+        out = work / ("onnx-int8" if int8 else "onnx" if emb == "f32" else f"onnx-embq8-{acc}")
         res = export_model(loaded, "onnx", out, overwrite=True, windows=verify_win, progress=False, int8=int8,
-                           embed_type=emb)
+                           embed_type=emb, matmul_accuracy=acc)
         path = out / res.summary["file"]
         be = OnnxBackend(path)
         be.params = sum(p.numel() for p in model.parameters())
