@@ -14,12 +14,17 @@ from compactor.quant.rtn import RTNConfig
 pytest.importorskip("onnxruntime")
 
 
-def test_quantized_model_to_onnx_with_int8(tmp_path, tok):
-    torch.manual_seed(3)
+def _q4_0_tiny(tok, seed: int):
+    """(tiny Llama on Q4_0 by RTN, as loaded; two random windows of 48 tokens)."""
+    torch.manual_seed(seed)
     win = make_windows(torch.randint(0, 258, (2 * 48,)), 48)
     m = tiny_model("llama")
     quantize_(m, RTNConfig(grid="q4_0"))
-    loaded = LoadedModel(m, tok, adapter_for(m), "tiny")
+    return LoadedModel(m, tok, adapter_for(m), "tiny"), win
+
+
+def test_quantized_model_to_onnx_with_int8(tmp_path, tok):
+    loaded, win = _q4_0_tiny(tok, 3)
     res = export_model(loaded, "onnx", tmp_path / "f", windows=win, progress=False)
     assert res.verification["kld_mean"] < 1e-5 and res.verification["top1"] > 0.99
     # onnxruntime's int8 has something to do only where float weights are left: the embedding here.
@@ -163,11 +168,7 @@ def test_int8_matmul_accuracy_marks_every_nbits_node_and_is_checked_to_the_gguf_
 
     from compactor.export.verify import MAX_KLD
 
-    torch.manual_seed(6)
-    win = make_windows(torch.randint(0, 258, (2 * 48,)), 48)
-    m = tiny_model("llama")
-    quantize_(m, RTNConfig(grid="q4_0"))
-    loaded = LoadedModel(m, tok, adapter_for(m), "tiny")
+    loaded, win = _q4_0_tiny(tok, 6)
     exact = export_model(loaded, "onnx", tmp_path / "fp32", windows=win, progress=False)
     fast = export_model(loaded, "onnx", tmp_path / "int8", windows=win, progress=False, matmul_accuracy="int8")
     nodes = [n for n in onnx.load(str(tmp_path / "int8" / "model.onnx")).graph.node if n.op_type == "MatMulNBits"]
