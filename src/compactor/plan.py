@@ -81,6 +81,15 @@ def _numel(module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def param_counts(model, adapter: Adapter) -> tuple[int, int, int]:
+    """(largest decoder layer, whole model, outside the layers) in parameters; a tied head
+    counted once — by name, since a meta skeleton is not tied yet."""
+    layers = decoder_layers(model, adapter)
+    tied = f"{adapter.lm_head}.weight" if getattr(model.config, "tie_word_embeddings", False) else None
+    total = sum({id(p): p.numel() for n, p in model.named_parameters() if n != tied}.values())
+    return max(_numel(layer) for layer in layers), total, total - sum(_numel(layer) for layer in layers)
+
+
 def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str],
                 calib: tuple[int, int] | None, eval_windows: tuple[int, int] | None,
                 reference: bool, spill: bool = False, forward_bytes: int = 2,
@@ -92,11 +101,7 @@ def plan_memory(model, adapter: Adapter, *, streamed: bool, statistics: set[str]
 
     cfg = model.config
     layers = decoder_layers(model, adapter)
-    layer_params = max(_numel(layer) for layer in layers)
-    tied = f"{adapter.lm_head}.weight" if getattr(cfg, "tie_word_embeddings", False) else None
-    # A meta skeleton is not tied yet: count a tied head once, by name.
-    total_params = sum({id(p): p.numel() for n, p in model.named_parameters() if n != tied}.values())
-    outer = total_params - sum(_numel(layer) for layer in layers)
+    layer_params, total_params, outer = param_counts(model, adapter)
     hidden = cfg.hidden_size
     inter = getattr(cfg, "intermediate_size", 4 * hidden)
     vocab = cfg.vocab_size

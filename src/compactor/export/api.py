@@ -184,22 +184,18 @@ def _export_gguf(loaded, out, verify, windows, prov, progress, types=None,
 
     The memory plan (:mod:`compactor.export.plan`) is printed first and held to
     ``max_memory`` (default: the memory available now): over it, nothing is written (exit 2)."""
-    from compactor.distill.lora import detached_adapters
-    from compactor.export.gguf import export_gguf
-    from compactor.export.lora_gguf import export_lora_gguf
-    from compactor.export.verify import MIN_TOP1, verify_context, verify_gguf
-
-    if min_top1 is None:
-        min_top1 = MIN_TOP1
-    if not 0.0 <= min_top1 <= 1.0:
-        raise CompactorError(f"the verification's top-1 floor is a fraction in [0, 1], got {min_top1}")
-
     import sys
 
-    from compactor.export.gguf import GGUFTypes
+    from compactor.distill.lora import detached_adapters
+    from compactor.export.gguf import GGUFTypes, export_gguf
+    from compactor.export.lora_gguf import export_lora_gguf
     from compactor.export.plan import plan_gguf_export
+    from compactor.export.verify import MIN_TOP1, verify_context, verify_gguf
     from compactor.plan import check_plan
 
+    min_top1 = MIN_TOP1 if min_top1 is None else min_top1
+    if not 0.0 <= min_top1 <= 1.0:
+        raise CompactorError(f"the verification's top-1 floor is a fraction in [0, 1], got {min_top1}")
     types = types or GGUFTypes()
     n_ctx = verify_context(windows) if verify else 0
     plan = plan_gguf_export(loaded, types, verify_windows=(len(windows.input_ids), windows.length) if verify else None,

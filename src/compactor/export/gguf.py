@@ -27,7 +27,7 @@ from compactor.export.gguf_meta import (arch_metadata, check_swa_layout, llama3_
 from compactor.io import atomic_file
 from compactor.models.adapters import Adapter, adapter_for
 from compactor.primitives.ggml import GGML_TYPES, ggml_qparams, resolve_type
-from compactor.primitives.packing import pack_ggml, row_chunks
+from compactor.primitives.packing import pack_ggml, packed_by_rows
 from compactor.quant.qlinear import QuantizedLinear
 
 FLOAT_TYPES = ("f32", "f16", "bf16")
@@ -141,14 +141,12 @@ def _encode(w: torch.Tensor, type_name: str, where: str) -> tuple[np.ndarray, in
         return arr, tid, type_name, None
     t, note = resolve_type(type_name, w.shape[1], where)
     w = w.detach().float()
-    packed = None
-    for a, b in row_chunks(*w.shape):  # rows round independently: a few at a time bound the temporaries
+
+    def part(a: int, b: int) -> np.ndarray:  # rows round independently: a few at a time bound the temporaries
         qp = ggml_qparams(w[a:b], t.name)
-        part = pack_ggml(qp.quantize(w[a:b]), qp, t.name)
-        if packed is None:
-            packed = np.empty((w.shape[0], part.shape[1]), dtype=np.uint8)
-        packed[a:b] = part
-    return packed, t.type_id, t.name, note
+        return pack_ggml(qp.quantize(w[a:b]), qp, t.name)
+
+    return packed_by_rows(*w.shape, part), t.type_id, t.name, note
 
 
 def _walk_module(module, prefix: str = "", skip: tuple[str, ...] = ()) -> Iterator[tuple[str, Any]]:

@@ -13,8 +13,7 @@ Q4_0 tensors).
 from __future__ import annotations
 
 from compactor.memory import fmt_bytes
-from compactor.models.adapters import decoder_layers
-from compactor.plan import MemoryPlan, memory_cap
+from compactor.plan import MemoryPlan, memory_cap, param_counts
 
 #: gguf-py's writer spools tensors in memory up to this size, then in a file on disk.
 WRITER_SPOOL = 256 << 20
@@ -75,13 +74,9 @@ def plan_gguf_export(loaded, types, *, verify_windows: tuple[int, int] | None, n
 
     from compactor.primitives.packing import CHUNK_WEIGHTS
 
-    model, adapter = loaded.model, loaded.adapter
+    model = loaded.model
     cfg = model.config
-    layers = decoder_layers(model, adapter)
-    layer_params = max(sum(p.numel() for p in layer.parameters()) for layer in layers)
-    tied = f"{adapter.lm_head}.weight" if getattr(cfg, "tie_word_embeddings", False) else None
-    total_params = sum({id(p): p.numel() for n, p in model.named_parameters() if n != tied}.values())
-    outer = total_params - sum(sum(p.numel() for p in layer.parameters()) for layer in layers)
+    layer_params, _, outer = param_counts(model, loaded.adapter)
     vocab, hidden = cfg.vocab_size, cfg.hidden_size
     # Measured after loading: for a model in memory this already holds its weights.
     items = [("this process now (torch, transformers, tokenizer" + ("" if loaded.streamed else ", the model")

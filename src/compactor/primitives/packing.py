@@ -57,21 +57,27 @@ def row_chunks(rows: int, cols: int, chunk_weights: int = CHUNK_WEIGHTS) -> list
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
+def packed_by_rows(rows: int, cols: int, part, chunk_weights: int = CHUNK_WEIGHTS) -> np.ndarray:
+    """``part(a, b)`` (the packed ``uint8 [b - a, row_bytes]`` of rows ``a:b``) over row chunks
+    of ``rows x cols``, filled into one ``uint8 [rows, row_bytes]``."""
+    chunks = row_chunks(rows, cols, chunk_weights)
+    if len(chunks) == 1:
+        return part(0, rows)
+    packed = None
+    for a, b in chunks:
+        piece = part(a, b)
+        if packed is None:
+            packed = np.empty((rows, piece.shape[1]), dtype=np.uint8)
+        packed[a:b] = piece
+    return packed
+
+
 def pack_ggml(codes: torch.Tensor, qp: QParams, type_name: str,
               chunk_weights: int = CHUNK_WEIGHTS) -> np.ndarray:
     """Pack ``codes [out, in]`` on grid ``qp`` into ggml blocks: ``uint8 [out, row_bytes]``,
     a few rows at a time (see :data:`CHUNK_WEIGHTS`)."""
-    out_rows, n = codes.shape
-    chunks = row_chunks(out_rows, n, chunk_weights)
-    if len(chunks) == 1:
-        return _pack_rows(codes, qp, type_name)
-    packed = None
-    for a, b in chunks:
-        part = _pack_rows(codes[a:b], qp.rows(a, b), type_name)
-        if packed is None:
-            packed = np.empty((out_rows, part.shape[1]), dtype=np.uint8)
-        packed[a:b] = part
-    return packed
+    return packed_by_rows(*codes.shape, lambda a, b: _pack_rows(codes[a:b], qp.rows(a, b), type_name),
+                          chunk_weights)
 
 
 def _pack_rows(codes: torch.Tensor, qp: QParams, type_name: str) -> np.ndarray:
