@@ -10,13 +10,20 @@ from compactor.memory import MemoryGuard, anonymous_rss
 
 
 def test_passing_the_cap_stops_the_block_with_a_clear_error():
+    import gc
+
+    # Earlier tests' garbage freed during this one would lower the baseline under a single
+    # allocation (a full-suite CI run once never reached the cap): collect it first, and keep
+    # allocating until the guard trips, up to 2 GB.
+    gc.collect()
     cap = anonymous_rss() + 100_000_000
     held = []
     deadline = time.time() + 10
     with pytest.raises(MemoryCapExceeded, match=r"over the cap of .* \(--max-memory test\); the plan estimated"):
         with MemoryGuard(cap, "--max-memory test", planned=cap - 1, interval=0.02):
-            held.append(torch.ones(60_000_000))  # 240 MB, touched
             while time.time() < deadline:  # the guard interrupts this loop
+                if len(held) < 40:
+                    held.append(torch.ones(12_500_000))  # 50 MB more, touched
                 time.sleep(0.01)
     del held
     assert time.time() < deadline  # stopped by the guard, not by the loop's end
