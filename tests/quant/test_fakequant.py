@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compactor.errors import CompactorError
-from compactor.primitives.fakequant import fake_quant_values, round_to_level
+from compactor.primitives.fakequant import fake_quant_reference, fake_quant_values, round_to_level
 from compactor.primitives.ggml import GGML_TYPES, ggml_qparams
 from compactor.primitives.grids import choose_qparams, nf4_qparams
 from compactor.primitives.packing import dequantize_ggml_bytes, pack_ggml
@@ -159,3 +159,30 @@ def test_state_dict_round_trip_keeps_frozen_codes():
         b.weight.add_(1.0)  # different latent: only the loaded state may make them agree
     b.load_state_dict(a.state_dict())
     assert torch.equal(a.fake_weight(), b.fake_weight())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("kind", ["sym", "offset", "codebook"])
+def test_fused_fake_quant_equals_autograd_reference(seed, kind):
+    """The one-node fake quantization gives the reference's values exactly and its gradients
+    (weights, scales, offsets) up to summation order — dead blocks and clipped values included."""
+    g = torch.Generator().manual_seed(seed)
+    out, n, block = 6, 64, 16
+    w = (torch.randn(out, n, generator=g) * 2).requires_grad_(True)
+    scale = (torch.rand(out, n // block, generator=g) * 0.3 + 0.05)
+    scale[0, 1] = 0.0  # a dead block
+    scale.requires_grad_(True)
+    offset = (torch.randn(out, n // block, generator=g) * 0.2).requires_grad_(True) if kind == "offset" else None
+    cb = torch.tensor([-1.0, -0.5, -0.1, 0.0, 0.2, 0.6, 1.0]) * 4 if kind == "codebook" else None
+    qmin, qmax = (0, 15) if kind == "offset" else (-8, 7)
+    up = torch.randn(out, n, generator=g)
+    leaves = [t for t in (w, scale, offset) if t is not None]
+    grads = []
+    for fn in (fake_quant_values, fake_quant_reference):
+        v = fn(w, scale, offset, block, qmin, qmax, cb)
+        grads.append((v.detach().clone(), torch.autograd.grad((v * up).sum(), leaves)))
+    (v1, g1), (v2, g2) = grads
+    assert torch.equal(v1, v2)
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert torch.equal(g1[0][0, 16:32], torch.zeros(16))  # nothing flows through a dead block
