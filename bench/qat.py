@@ -49,6 +49,11 @@ ROWS = {
     "lora r16 128k q4_0 (adapter)": ("lora", "q4_0", 131072, {"rank": 16, "alpha": 32.0}),
     "lora r16 128k q4_0 merged requantize": ("merge", "q4_0", 131072, {"merge": "requantize"}),
     "lora r16 128k q4_0 merged float (f16 linears)": ("merge", "q4_0", 131072, {"merge": "float"}),
+    # The peer path, as a torchao user ships to llama.cpp: QAT of the float model with torchao's
+    # int4 g32 symmetric fake quantization (its own venv: bench/qat_torchao.py), the trained
+    # float weights exported, then llama.cpp's Q4_0 + imatrix; and the same without QAT.
+    "llama.cpp q4_0 + imatrix (no QAT)": ("llamacpp", "q4_0", 0, {}),
+    "torchao qat 64k -> llama.cpp q4_0 + imatrix": ("torchao", "q4_0", 65536, {"weight": "int4 g32 symmetric"}),
 }
 LORA = {"window": 256, "batch": 8, "micro_batch": 4, "lr": 2e-4, "eval_tokens": 4096, "checkpoint_every": 8}
 JSON = RESULTS / "qat.json"
@@ -146,6 +151,10 @@ def main() -> None:
             prov = json.loads((src / "provenance.json").read_text())
             train = next(r for r in prov["reports"] if r["step"] == "lora")
             lora_file = out / "model.lora.gguf" if kind == "lora" else None
+        elif kind in ("llamacpp", "torchao"):
+            from qat_torchao import peer_dir
+
+            out, train = peer_dir(work, ref, name, kind, tokens, QAT, args.resume)
         else:
             out, prov = _qad_dir(work, grid, tokens, settings, name, args.resume)
             train = next(r for r in prov["reports"] if r["step"] == "qat")
@@ -155,20 +164,34 @@ def main() -> None:
         r = evaluate(runtime, win, reference=cached, speed=False, name=name, progress=False)
         runtime.close()
         rec = {"row": name, "kind": kind, "grid": grid, "tokens": tokens, "settings": settings,
-               "ptq": PTQ, "qat": QAT if kind == "qad" else None, "lora": LORA if kind in ("lora", "merge") else None,
+               "ptq": PTQ, "qat": QAT if kind in ("qad", "torchao") else None, "lora": LORA if kind in ("lora", "merge") else None,
                "file_bytes": gguf.stat().st_size + (lora_file.stat().st_size if lora_file else 0),
                "adapter_bytes": lora_file.stat().st_size if lora_file else 0,
                "kld_mean": r.kld_mean, "ppl": r.ppl, "domains": r.domains, "seconds": round(seconds, 1),
                "load_before": round(load, 2),
                "train": None if train is None else {k: train.get(k) for k in (
                    "tokens", "steps", "train_seconds", "train_tok_s", "learned", "frozen_modules", "rank", "alpha",
-                   "before", "after", "precision", "resumed_from")},
+                   "before", "after", "precision", "resumed_from", "torchao", "weight_config")},
                "eval": {s: {"windows": len(w), "tokens_scored": w.n_scored} for s, w in win.items()},
                "prov": provenance()}
         records.append(rec)
         JSON.write_text(json.dumps(records, indent=1))
         print(name, {s: round(d["kld_mean"], 4) for s, d in r.domains.items()}, flush=True)
         render(records)
+
+
+def _peer_text(records: list[dict]) -> str:
+    """What the peer rows did, from their recorded settings."""
+    out = ""
+    for r in records:
+        if r["kind"] == "torchao":
+            t = r["train"]
+            out += (f"'{r['row']}': torchao {t['torchao']} QAT ({t['weight_config']}) trained on the QAD rows' "
+                    "data, objective and optimizer; its trained float weights exported and quantized by llama.cpp "
+                    "(Q4_0 + an importance matrix of the trained model on calib:mix 128 x 512). ")
+    if any(r["kind"] == "llamacpp" for r in records):
+        out += "'llama.cpp q4_0 + imatrix (no QAT)': the same export and quantization of the untrained float model. "
+    return out
 
 
 def render(records: list[dict]) -> None:
@@ -211,7 +234,7 @@ def render(records: list[dict]) -> None:
         + ". LoRA rows: adapters of the recorded rank by KD on calib:mix over the GPTQ Q4_0 base "
         "(its codes frozen); '(adapter)' runs base + adapter GGUF in llama.cpp (file MB counts both), "
         "the merged rows fold that same adapter in and re-quantize with GPTQ, or keep f16 linears "
-        "(a reference: bigger file). 'Share removed' compares mean KLD with the GPTQ row of the same grid (equal bytes: "
+        "(a reference: bigger file). " + _peer_text(records) + "'Share removed' compares mean KLD with the GPTQ row of the same grid (equal bytes: "
         "same types, same file size). Wall seconds include PTQ/training and export with its "
         "llama.cpp verification; load before above ~0.5 means another job shared the 2 cores.\n\n"
         + head + "\n".join(lines) + "\n\nRuns:\n\n" + provenance_lines(records))
